@@ -1,0 +1,1 @@
+"""The driver side of onalign: config, iteration loop, reports, CLI."""

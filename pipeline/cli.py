@@ -1,0 +1,79 @@
+"""`onalign run CONFIG [key=value ...]`, `onalign report RUN_DIR [...]`, `onalign build-model`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USER_ERRORS = (
+    "ConfigError", "DataError", "RunDirError", "PipelineError", "ResumeError", "RewardError", "FileNotFoundError",
+    "PlanError",
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onalign", description="Online iterative preference alignment on Ray + vLLM + DeepSpeed")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the configured number of alignment iterations")
+    run.add_argument("config", help="YAML config (see configs/)")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. iterations=4 algorithm.name=ipo")
+    run.add_argument("--resume", action="store_true", help="continue from the last complete iteration in output_dir")
+    run.add_argument("--dry-run", action="store_true", help="validate and print the resource plan; start nothing")
+    run.add_argument("--quiet", action="store_true", help="plain log lines, no progress display")
+    rep = sub.add_parser("report", help="rebuild the report of one run, or compare several")
+    rep.add_argument("runs", nargs="+", help="run directories")
+    rep.add_argument("--out", help="where to write (default: the run dir; required for several runs)")
+    build = sub.add_parser("build-model", help="build (or find cached) the tiny offline policy and print its path")
+    build.add_argument("overrides", nargs="*")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except Exception as e:  # user mistakes get one line, no traceback
+        if type(e).__name__ in USER_ERRORS:
+            print(f"onalign: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _dispatch(args) -> int:
+    from pipeline.config import load_config
+
+    if args.command == "report":
+        from pipeline.report import write_comparison, write_report
+
+        if len(args.runs) == 1:
+            print(write_report(args.runs[0], args.out))
+        else:
+            print(write_comparison(args.runs, args.out or "comparison"))
+        return 0
+    if args.command == "build-model":
+        from pipeline.driver import resolve_model
+
+        print(resolve_model(load_config(None, args.overrides)))
+        return 0
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("resume=true")
+    if args.quiet:
+        overrides.append("quiet=true")
+    cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        from pipeline.placement import dry_run
+
+        print(dry_run(cfg))
+        return 0
+    from pipeline.driver import run
+
+    rows = run(cfg)
+    last = rows[-1] if rows else {}
+    print(f"[onalign] done: {last.get('iteration', 0)} iterations, final eval_reward_mean="
+          f"{last.get('eval_reward_mean')}; report: {cfg.output_dir}/report.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The one validated configuration tree of a run.
+
+Loaded from YAML, then `a.b=c` overrides from the command line. Unknown keys are errors that
+suggest the closest valid key; wrong types and ranges name the key and what is allowed. Every
+check here runs before any Ray actor starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BUILTIN_MODEL = "builtin:tiny"
+BUILTIN_TASK = "builtin:reverse"
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config: the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    # `builtin:tiny` builds the tiny Qwen2 policy offline (cached); otherwise an HF model directory or hub name.
+    path: str = BUILTIN_MODEL
+    # Tiny-model options (ignored for other paths).
+    tiny_hidden_size: int = Field(128, ge=64)
+    tiny_layers: int = Field(2, ge=1)
+    sft_steps: int = Field(140, ge=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(_Section):
+    # `builtin:reverse` is the built-in verifiable task; otherwise a local file/dir or hub dataset name.
+    train: str = BUILTIN_TASK
+    eval: str | None = None
+    split: str = "train"
+    subset: str | None = None
+    revision: str | None = None
+    # Column mapping: which column holds the prompt / the ground-truth response / chat messages.
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"
+    num_train_prompts: int = Field(256, ge=1)
+    num_eval_prompts: int = Field(64, ge=1)
+    max_samples: int | None = Field(None, ge=1)
+    max_prompt_length: int = Field(64, ge=4)
+    long_prompts: Literal["skip", "truncate"] = "skip"
+    duplicate_prompts: Literal["drop", "keep"] = "drop"
+
+
+class RolloutConfig(_Section):
+    num_engines: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    n_samples: int = Field(4, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(16, ge=1)
+    max_model_len: int = Field(256, ge=16)
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+    kv_cache_mb: int = Field(256, ge=16)
+
+
+class RewardConfig(_Section):
+    kind: Literal["function", "model", "remote"] = "function"
+    # `module:function` for kind=function.
+    function: str = "rewards.functions:reverse_reward"
+    model_path: str | None = None
+    url: str | None = None
+    timeout_s: float = Field(30.0, gt=0)
+    retries: int = Field(2, ge=0)
+    batch_size: int = Field(32, ge=1)
+    # Added to the reward of a response cut at max_new_tokens without EOS (TRL's missing_eos_penalty).
+    missing_eos_penalty: float | None = None
+    num_cpus: float = Field(0.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+
+
+class SelectionConfig(_Section):
+    """OPTune (arXiv 2406.07657) low-reward prompt selection."""
+
+    mode: Literal["all", "lowest_reward", "random"] = "all"
+    rho: float = Field(1.0, gt=0.0, le=1.0)
+    score: Literal["best_reward", "pair_mean"] = "best_reward"
+
+
+AlgorithmName = Literal["dpo", "ipo", "slic", "rrhf", "wdpo", "spin", "apo"]
+
+
+class AlgorithmConfig(_Section):
+    name: AlgorithmName = "dpo"
+    # initial: RLHFlow-style fixed reference; previous: SPIN/APO, the iteration's starting policy.
+    reference: Literal["initial", "previous"] = "previous"
+    beta: float = Field(0.1, gt=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    # Per-token NLL of the chosen response added to pair losses (Iterative RPO, arXiv 2404.19733).
+    nll_coef: float = Field(0.0, ge=0.0)
+    # wdpo (OPTune): weight g(beta2 * (r_chosen - r_rejected)).
+    beta2: float = Field(1.0, ge=0.0)
+    weight_fn: Literal["exp", "sigmoid", "linear"] = "exp"
+    normalize_weights: bool = True
+    # slic (SLiC-HF, arXiv 2305.10425): hinge margin delta and regulariser lambda on the SFT target.
+    slic_delta: float = Field(1.0, gt=0.0)
+    slic_lambda: float = Field(0.1, ge=0.0)
+    # rrhf (arXiv 2304.05302): weight of the NLL of the best response.
+    rrhf_sft_weight: float = Field(1.0, ge=0.0)
+    # spin (arXiv 2401.01335): mix the previous iteration's pairs 1:1.
+    spin_mix_previous: bool = False
+    # apo (arXiv 2410.06293): Nesterov extrapolation theta + alpha * (theta - theta_prev).
+    apo_alpha: float = Field(0.3, ge=0.0)
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    zero_stage: Literal[2, 3] = 2
+    lr: float = Field(5e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    epochs: int = Field(2, ge=1)
+    micro_batch_size: int = Field(16, ge=1)
+    grad_clip: float = Field(1.0, gt=0.0)
+    num_cpus: float = Field(0.5, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    bf16: bool = False
+    offload_optimizer: bool = False
+
+
+class SyncConfig(_Section):
+    # auto: nccl when the engines have GPUs, otherwise the CPU object-store backend.
+    backend: Literal["auto", "cpu", "nccl"] = "auto"
+    bucket_mb: int = Field(256, ge=1)
+
+
+class EvalConfig(_Section):
+    temperature: float = Field(0.0, ge=0.0)
+    num_examples: int = Field(4, ge=0)
+
+
+class RunConfig(_Section):
+    seed: int = 0
+    iterations: int = Field(3, ge=0)
+    output_dir: str = "runs/onalign"
+    resume: bool = False
+    keep_checkpoints: int = Field(2, ge=1)
+    call_timeout_s: float = Field(900.0, gt=0)
+    quiet: bool = False
+    tensorboard: bool = True
+    wandb: bool = False
+    ray_num_cpus: int | None = Field(None, ge=1)
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    selection: SelectionConfig = SelectionConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    train: TrainConfig = TrainConfig()
+    sync: SyncConfig = SyncConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        a, r = self.algorithm, self.rollout
+        if a.name in ("dpo", "ipo", "slic", "wdpo", "apo") and r.n_samples < 2:
+            raise ValueError(
+                f"rollout.n_samples: algorithm '{a.name}' builds best-vs-worst pairs and needs at least 2 "
+                f"samples per prompt (got {r.n_samples}); set rollout.n_samples=4"
+            )
+        if a.name == "rrhf" and r.n_samples < 2:
+            raise ValueError("rollout.n_samples: rrhf ranks k >= 2 responses per prompt; set rollout.n_samples=4")
+        if self.selection.mode == "all" and self.selection.rho != 1.0:
+            raise ValueError(
+                f"selection.rho={self.selection.rho} has no effect with selection.mode=all; "
+                "use selection.mode=lowest_reward (OPTune) or random"
+            )
+        if self.reward.kind == "model" and not self.reward.model_path:
+            raise ValueError("reward.model_path: reward.kind=model needs the path of a sequence-classification model")
+        if self.reward.kind == "remote" and not self.reward.url:
+            raise ValueError("reward.url: reward.kind=remote needs the scoring endpoint's URL")
+        if self.data.max_prompt_length + r.max_new_tokens > r.max_model_len:
+            raise ValueError(
+                f"rollout.max_model_len={r.max_model_len} is shorter than data.max_prompt_length "
+                f"+ rollout.max_new_tokens = {self.data.max_prompt_length + r.max_new_tokens}"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _field_names(model: type[BaseModel], path: tuple) -> list[str]:
+    """Valid keys at a dotted location of the tree (for suggestions)."""
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            break
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        valid = _field_names(RunConfig, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+        return f"unknown config key '{key}'. {hint} Valid keys here: {', '.join(valid)}".replace("  ", " ")
+    if err["type"] == "value_error":
+        return str(err["msg"]).removeprefix("Value error, ")
+    return f"config key '{key}': {err['msg']} (got {err.get('input')!r})"
+
+
+def _coerce(text: str) -> Any:
+    """Parse an override value the way YAML would (numbers, bools, null, lists)."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (for example iterations=4)")
+        key, value = item.split("=", 1)
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = _coerce(value)
+    return tree
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (or the defaults when `path` is None), apply overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist; see configs/ for examples")
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of keys, got {type(tree).__name__}")
+    tree = apply_overrides(tree, overrides or [])
+    return validate_config(tree)
+
+
+def validate_config(tree: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError("\n".join(_format_error(err) for err in e.errors())) from None

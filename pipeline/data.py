@@ -1,0 +1,72 @@
+"""Prompt sets: load, validate, render once through the policy's chat template to token ids."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from pipeline.builtin_task import make_examples
+from pipeline.config import BUILTIN_TASK, DataConfig
+
+
+class DataError(ValueError):
+    """Bad or missing data: the message names the file, row and column, and the fix."""
+
+
+@dataclass
+class PromptSet:
+    texts: list[str]
+    references: list[str | None]
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    sft_ids: list[list[int] | None] = field(default_factory=list)
+    counts: dict = field(default_factory=dict)  # filtering counters for the report
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def render(rows: list[dict], tokenizer, cfg: DataConfig, where: str) -> PromptSet:
+    """Chat-template each prompt once; apply the length, empty and duplicate policies; count them."""
+    counts = {"empty_prompts": 0, "duplicate_prompts": 0, "long_prompts_skipped": 0, "long_prompts_truncated": 0}
+    seen: set[str] = set()
+    out = PromptSet([], [])
+    for row in rows:
+        text, ref = row["prompt"], row.get("response")
+        if not text or not text.strip():
+            counts["empty_prompts"] += 1
+            continue
+        if text in seen and cfg.duplicate_prompts == "drop":
+            counts["duplicate_prompts"] += 1
+            continue
+        seen.add(text)
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+        if len(ids) > cfg.max_prompt_length:
+            if cfg.long_prompts == "skip":
+                counts["long_prompts_skipped"] += 1
+                continue
+            counts["long_prompts_truncated"] += 1
+            ids = ids[-cfg.max_prompt_length :]  # keep the end: the generation prompt must stay
+        out.texts.append(text)
+        out.references.append(ref)
+        out.prompt_ids.append(ids)
+        out.sft_ids.append(
+            None if ref is None else tokenizer(ref, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        )
+    out.counts = counts
+    if not out.texts:
+        raise DataError(f"{where}: no usable prompts are left after filtering ({counts}); check the data file")
+    return out
+
+
+def load_prompt_sets(cfg: DataConfig, tokenizer, seed: int) -> tuple[PromptSet, PromptSet]:
+    """Train and eval prompt sets, rendered."""
+    if cfg.train == BUILTIN_TASK:
+        train_rows, eval_rows = make_examples(cfg.num_train_prompts, cfg.num_eval_prompts, seed=1234 + seed)
+    else:
+        from pipeline.datasets_io import load_rows
+
+        train_rows, eval_rows = load_rows(cfg, seed)
+    return render(train_rows, tokenizer, cfg, "data.train"), render(eval_rows, tokenizer, cfg, "data.eval")

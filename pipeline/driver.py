@@ -1,0 +1,144 @@
+"""The driver: validate everything, start (or join) Ray, start the actors, run the loop, clean up.
+
+All checks that need no actor (config, output dir, model path, data) run before Ray starts, so a
+user mistake costs seconds, not a cluster allocation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from pipeline.config import BUILTIN_MODEL, RunConfig
+from pipeline.console import Console
+from pipeline.data import PromptSet, load_prompt_sets
+from pipeline.loop import Loop, Workers
+from pipeline.rundir import RunDir, RunDirError
+from workers.actor_group import TrainerGroup
+from workers.rollout import ENGINE_ENV
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig
+    model_path: str
+    train: PromptSet
+    eval: PromptSet
+    rundir: RunDir
+
+
+def resolve_model(cfg: RunConfig) -> str:
+    m = cfg.model
+    if m.path == BUILTIN_MODEL:
+        from pipeline.tiny_model import tiny_model_path
+
+        return str(tiny_model_path(m.tiny_hidden_size, m.tiny_layers, m.sft_steps))
+    p = Path(m.path)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"model.path '{p}' has no config.json; point it at an HF model directory")
+        if not any(p.glob("*.safetensors")):
+            raise FileNotFoundError(
+                f"model.path '{p}' has no .safetensors weights; onalign loads safetensors only "
+                "(convert with `model.save_pretrained(dir, safe_serialization=True)`)"
+            )
+        return str(p)
+    if p.is_absolute() or m.path.startswith("."):
+        raise FileNotFoundError(f"model.path '{p}' does not exist; set model.path to an HF model directory")
+    return m.path  # a hub name: resolved by transformers/vLLM on the cluster
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Every check that needs no actor."""
+    from transformers import AutoTokenizer
+
+    rundir = RunDir(cfg.output_dir)
+    rundir.prepare()
+    if not cfg.resume and rundir.read_metrics():
+        raise RunDirError(
+            f"output_dir '{rundir.root}' already holds a run (metrics.jsonl); rerun with --resume to continue it, "
+            "or choose a new output_dir"
+        )
+    model_path = resolve_model(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    train, eval_set = load_prompt_sets(cfg.data, tokenizer, cfg.seed)
+    (rundir.root / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    return Prepared(cfg, model_path, train, eval_set, rundir)
+
+
+def init_ray(cfg: RunConfig) -> None:
+    """Join the cluster named by RAY_ADDRESS (or the job's cluster), else start a local one."""
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=cfg.ray_num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            object_store_memory=1 << 30,
+            runtime_env=env,
+        )
+
+
+def start_workers(cfg: RunConfig, model_path: str) -> Workers:
+    """The heavy actors: vLLM engines and the DeepSpeed ranks."""
+    r, t = cfg.rollout, cfg.train
+    engine_cls = ray.remote(_rollout_cls()).options(
+        num_cpus=r.num_cpus, num_gpus=r.num_gpus * r.tensor_parallel_size, runtime_env={"env_vars": ENGINE_ENV}
+    )
+    engines = [engine_cls.remote(model_path, r.model_dump(), cfg.model.dtype, cfg.seed) for _ in range(r.num_engines)]
+    trainer_env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+                   "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    if t.num_gpus == 0:
+        trainer_env["DS_ACCELERATOR"] = "cpu"
+    trainers = TrainerGroup(t.num_workers, t.num_cpus, t.num_gpus, trainer_env)
+    ray.get([e.ready.remote() for e in engines], timeout=cfg.call_timeout_s)
+    return Workers(engines, trainers)
+
+
+def _rollout_cls():
+    from workers.rollout import RolloutWorker
+
+    return RolloutWorker
+
+
+def make_reward_actor(cfg: RunConfig):
+    from rewards.actor import RewardWorker
+
+    return ray.remote(RewardWorker).options(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus).remote(
+        cfg.reward.model_dump()
+    )
+
+
+def run_with_workers(prep: Prepared, workers: Workers, console: Console | None = None) -> list[dict]:
+    """One run on already-started heavy actors (the tests share one set across runs)."""
+    from pipeline.report import Reporter
+
+    cfg = prep.cfg
+    reporter = Reporter(prep.rundir, cfg, console or Console(cfg.quiet))
+    reward = make_reward_actor(cfg)
+    try:
+        loop = Loop(cfg, workers, prep.model_path, prep.train, prep.eval, prep.rundir, reward, reporter)
+        return loop.run()
+    finally:
+        ray.kill(reward, no_restart=True)
+        reporter.close()
+
+
+def run(cfg: RunConfig) -> list[dict]:
+    console = Console(cfg.quiet)
+    prep = prepare(cfg)
+    console.log(f"model {prep.model_path}; {len(prep.train)} train / {len(prep.eval)} eval prompts; "
+                f"output {prep.rundir.root}")
+    init_ray(cfg)
+    with console.status("starting vLLM engines and DeepSpeed trainers"):
+        workers = start_workers(cfg, prep.model_path)
+    try:
+        return run_with_workers(prep, workers, console)
+    finally:
+        workers.shutdown()

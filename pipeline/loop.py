@@ -1,0 +1,214 @@
+"""The iteration loop: select -> generate -> score and pair -> train -> (APO step) -> sync -> eval -> record.
+
+Everything heavy happens in actors; the driver moves token ids, scores, metrics and object refs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import ray
+
+from pipeline.config import RunConfig
+from pipeline.data import PromptSet
+from pipeline.records import Rollout
+from pipeline.rundir import RunDir
+from workers.actor_group import TrainerGroup
+from workers.losses import get_algorithm
+from workers.weight_sync import sync_weights
+
+
+class PipelineError(RuntimeError):
+    """A failure the user can act on; the message says what happened and how to go on."""
+
+
+@dataclass
+class Workers:
+    """The long-lived heavy actors: vLLM engines and DeepSpeed ranks (reusable across runs)."""
+
+    rollouts: list
+    trainers: TrainerGroup
+
+    def shutdown(self) -> None:
+        self.trainers.kill()
+        for r in self.rollouts:
+            ray.kill(r, no_restart=True)
+
+
+class Loop:
+    def __init__(self, cfg: RunConfig, workers: Workers, model_path: str, train: PromptSet, eval_set: PromptSet,
+                 rundir: RunDir, reward_actor, reporter) -> None:
+        self.cfg, self.workers, self.model_path = cfg, workers, model_path
+        self.train_set, self.eval_set = train, eval_set
+        self.rundir, self.reward, self.reporter = rundir, reward_actor, reporter
+        self.algorithm = get_algorithm(cfg.algorithm.name)
+        self.initial_eval: list[float] = []
+
+    # ------------------------------------------------------------ helpers
+    def get(self, refs, what: str):
+        """ray.get with the configured timeout and a message that says how to resume."""
+        try:
+            return ray.get(refs, timeout=self.cfg.call_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise PipelineError(
+                f"{what} did not answer within call_timeout_s={self.cfg.call_timeout_s}s. Completed iterations are "
+                f"saved in {self.rundir.checkpoints}; raise call_timeout_s or fix the stall, then rerun with --resume"
+            ) from None
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if cause is not None and type(cause).__name__ in ("RewardError", "ValueError", "ResumeError"):
+                raise PipelineError(f"{what} failed: {cause}") from None
+            raise
+        except ray.exceptions.RayActorError as e:
+            raise PipelineError(
+                f"an actor died during {what} ({type(e).__name__}). Completed iterations are saved in "
+                f"{self.rundir.checkpoints}; rerun the same command with --resume to continue from the last one"
+            ) from None
+
+    def generate(self, prompt_set: PromptSet, indices: list[int], n: int, temperature: float, iteration: int
+                 ) -> list[Rollout]:
+        """Spread prompts over the engines round-robin; results come back in (prompt, sample) order."""
+        r = self.cfg.rollout
+        engines = self.workers.rollouts
+        parts = [indices[e :: len(engines)] for e in range(len(engines))]
+        refs = [
+            eng.generate.remote([prompt_set.prompt_ids[i] for i in part], part, n, temperature, r.top_p,
+                                r.max_new_tokens, self.cfg.seed, iteration)
+            for eng, part in zip(engines, parts, strict=True) if part
+        ]
+        out = [ro for chunk in self.get(refs, "generation") for ro in chunk]
+        return sorted(out, key=lambda ro: ro.prompt_index)  # stable: samples keep their order
+
+    def sync(self) -> float:
+        t = time.perf_counter()
+        self.get(sync_weights(self.workers.trainers, self.workers.rollouts, self.cfg.sync), "weight sync")
+        return time.perf_counter() - t
+
+    def evaluate(self, iteration: int) -> dict:
+        """Greedy answers on the held-out prompts, scored; win rate against the initial policy's answers."""
+        t = time.perf_counter()
+        idx = list(range(len(self.eval_set)))
+        rollouts = self.generate(self.eval_set, idx, 1, self.cfg.eval.temperature, 10**6 + iteration)
+        rewards = self.get(self.reward.score_rollouts.remote(rollouts, "eval"), "eval scoring")
+        if iteration == 0:
+            self.initial_eval = rewards
+        wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, self.initial_eval, strict=True)]
+        k = self.cfg.eval.num_examples
+        self.rundir.append_samples({
+            "iteration": iteration,
+            "eval_rewards": rewards,
+            "examples": [
+                {"prompt": self.eval_set.texts[i], "response": rollouts[i].text, "reward": rewards[i]} for i in idx[:k]
+            ],
+        })
+        return {
+            "eval_reward_mean": statistics.fmean(rewards),
+            "win_rate_vs_initial": statistics.fmean(wins),
+            "time_eval_s": time.perf_counter() - t,
+        }
+
+    # ------------------------------------------------------------ the run
+    def start(self) -> int:
+        """Set up actors for this run (fresh or resumed); returns the first iteration to run."""
+        cfg = self.cfg
+        self.get(self.reward.reset.remote(self.train_set.as_dict(), self.eval_set.as_dict(),
+                                          cfg.algorithm.model_dump(), cfg.selection.model_dump(),
+                                          cfg.rollout.n_samples, cfg.seed), "reward reset")
+        self.get(self.workers.trainers.call("setup", self.model_path, cfg.train.model_dump(),
+                                            cfg.algorithm.model_dump(), cfg.seed, cfg.model.trust_remote_code),
+                 "trainer setup")
+        from pipeline.checkpoint import restore
+
+        first = restore(self) if cfg.resume else 1
+        self.sync()
+        if first == 1:
+            row = {"iteration": 0, **self.evaluate(0)}
+            self.record(row)
+        return first
+
+    def record(self, row: dict) -> None:
+        self.rundir.append_metrics(row)
+        self.reporter.iteration_done(row)
+
+    def iteration(self, it: int) -> dict:
+        cfg, reward, trainers = self.cfg, self.reward, self.workers.trainers
+        t0 = time.perf_counter()
+        selected = self.get(reward.select.remote(it), "selection")
+
+        t = time.perf_counter()
+        rollouts = self.generate(self.train_set, selected, cfg.rollout.n_samples, cfg.rollout.temperature, it)
+        time_generate = time.perf_counter() - t
+
+        t = time.perf_counter()
+        scored = self.get(reward.ingest.remote(rollouts, it), "reward scoring")
+        batch, pair_stats = self.get(reward.batch.remote(), "pair building")
+        time_score = time.perf_counter() - t
+
+        t = time.perf_counter()
+        train_stats: dict = {"loss": None, "pair_accuracy": None, "train_steps": 0}
+        if len(batch) >= trainers.world:
+            batch_ref = ray.put(batch)
+            per_rank = self.get(trainers.call("train", batch_ref, it), "training")
+            train_stats = _merge_rank_stats(per_rank)
+        apo_step = None
+        if self.algorithm.extrapolate:
+            apo_step = self.get(trainers.call("extrapolate", cfg.algorithm.apo_alpha), "APO extrapolation")[0]
+        time_train = time.perf_counter() - t
+
+        time_sync = self.sync() if train_stats["train_steps"] or apo_step else 0.0
+        ev = self.evaluate(it)
+
+        gen_tokens = sum(len(r.response_ids) for r in rollouts)
+        n_prompts = len(self.train_set)
+        mean_len = gen_tokens / max(len(rollouts), 1)
+        if_all = mean_len * cfg.rollout.n_samples * n_prompts
+        row = {
+            "iteration": it,
+            "reward_mean": scored["reward_mean"],
+            "reward_std": scored["reward_std"],
+            **{k: ev[k] for k in ("eval_reward_mean", "win_rate_vs_initial")},
+            **pair_stats,
+            "training_skipped": train_stats["train_steps"] == 0,
+            "generated_tokens": gen_tokens,
+            "prompts_regenerated": len(selected),
+            "prompts_reused": n_prompts - len(selected),
+            "generated_tokens_if_all": round(if_all, 1),
+            "generation_saved_fraction": 1.0 - gen_tokens / if_all if if_all else 0.0,
+            "distinct_response_fraction": scored["distinct_response_fraction"],
+            **train_stats,
+            "apo_step_norm": apo_step,
+            "time_generate_s": time_generate,
+            "time_score_s": time_score,
+            "time_train_s": time_train,
+            "time_sync_s": time_sync,
+            "time_eval_s": ev["time_eval_s"],
+        }
+        row["time_total_s"] = time.perf_counter() - t0
+        self.rundir.append_samples({"iteration": it, "rollout_rewards": scored["rewards"],
+                                    "pair_weights": row.pop("pair_weights", None)})
+        return row
+
+    def run(self) -> list[dict]:
+        from pipeline.checkpoint import save_checkpoint
+
+        first = self.start()
+        for it in range(first, self.cfg.iterations + 1):
+            row = self.iteration(it)
+            self.record(row)  # metrics first: a resume truncates rows past the last complete checkpoint
+            save_checkpoint(self, it)
+        return self.rundir.read_metrics()
+
+
+def _merge_rank_stats(per_rank: list[dict]) -> dict:
+    """Average per-rank metrics weighted by the pairs each rank trained on."""
+    total = sum(s["trained_pairs"] for s in per_rank)
+    out: dict = {"train_steps": sum(s["steps"] for s in per_rank) // max(len(per_rank), 1), "trained_pairs": total}
+    keys = {k for s in per_rank for k in s if k not in ("steps", "trained_pairs", "pair_weights")}
+    for k in sorted(keys):
+        out[k] = sum(s[k] * s["trained_pairs"] for s in per_rank if k in s) / max(total, 1)
+    weights = [w for s in per_rank for w in s.get("pair_weights", [])]
+    if weights:
+        out["pair_weights"] = weights
+    return out

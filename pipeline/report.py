@@ -1,0 +1,315 @@
+"""Per-iteration reports, rebuilt from the run directory's files alone.
+
+`write_report(run_dir)` reads config.yaml, metrics.jsonl and samples.jsonl and writes report.md,
+report.html and plots/*.png beside them. `write_comparison(runs, out)` puts several runs on shared
+axes. The driver calls `Reporter.iteration_done` after every iteration; `onalign report` calls the
+same functions on finished or interrupted runs.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+from pipeline.rundir import RunDir  # noqa: E402
+
+PLOTS = {
+    "eval_reward.png": "Eval reward and win rate vs the initial policy",
+    "rollout_rewards.png": "Reward distribution of rollouts",
+    "loss.png": "Loss and pair accuracy",
+    "pair_weights.png": "wDPO pair weights",
+    "tokens.png": "Generated vs saved tokens (OPTune selection)",
+    "time.png": "Time per iteration",
+}
+TIME_KEYS = ["time_generate_s", "time_score_s", "time_train_s", "time_sync_s", "time_eval_s"]
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _plots(rows: list[dict], samples: list[dict], plot_dir: Path, algorithm: str) -> None:
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    its = [r["iteration"] for r in rows]
+    train_rows = [r for r in rows if r["iteration"] > 0]
+    tits = [r["iteration"] for r in train_rows]
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(its, [_num(r.get("eval_reward_mean")) for r in rows], "o-", label="eval reward (greedy)")
+    ax.plot(its, [_num(r.get("win_rate_vs_initial")) for r in rows], "s--", label="win rate vs initial")
+    ax.set_xlabel("iteration")
+    ax.set_xticks(its)
+    ax.legend(fontsize=8)
+    ax.set_title("Eval reward per iteration", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(plot_dir / "eval_reward.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    dist = [(s["iteration"], s["rollout_rewards"]) for s in samples if s.get("rollout_rewards")]
+    if dist:
+        ax.violinplot([d for _, d in dist], positions=[i for i, _ in dist], showmeans=True)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("reward")
+    else:
+        _empty(ax, "no rollouts yet")
+    ax.set_title("Rollout reward distribution", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(plot_dir / "rollout_rewards.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    if any(r.get("loss") is not None for r in train_rows):
+        ax.plot(tits, [_num(r.get("loss")) for r in train_rows], "o-", label="loss")
+        ax2 = ax.twinx()
+        ax2.plot(tits, [_num(r.get("pair_accuracy")) for r in train_rows], "s--", color="C1", label="pair accuracy")
+        ax2.set_ylim(0, 1.05)
+        ax.set_xlabel("iteration")
+        ax.legend(loc="upper left", fontsize=8)
+        ax2.legend(loc="upper right", fontsize=8)
+    else:
+        _empty(ax, "no training step yet")
+    ax.set_title("Loss and pair accuracy", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(plot_dir / "loss.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    weights = [(s["iteration"], s["pair_weights"]) for s in samples if s.get("pair_weights")]
+    if weights:
+        for it, w in weights:
+            ax.hist(w, bins=20, alpha=0.5, label=f"iter {it}")
+        ax.set_xlabel("pair weight g(beta2 * reward gap)")
+        ax.legend(fontsize=8)
+    else:
+        _empty(ax, f"no pair weights: algorithm '{algorithm}' is not wdpo")
+    ax.set_title("wDPO pair weights", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(plot_dir / "pair_weights.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    if train_rows:
+        gen = [_num(r.get("generated_tokens")) for r in train_rows]
+        saved = [max(_num(r.get("generated_tokens_if_all")) - g, 0.0) for r, g in zip(train_rows, gen, strict=True)]
+        ax.bar(tits, gen, label="generated")
+        ax.bar(tits, saved, bottom=gen, label="saved by selection", color="C2")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("tokens")
+        ax.legend(fontsize=8)
+    else:
+        _empty(ax, "no rollouts yet")
+    ax.set_title("Generated vs saved tokens", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(plot_dir / "tokens.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    if train_rows:
+        bottom = [0.0] * len(train_rows)
+        for key in TIME_KEYS:
+            vals = [_num(r.get(key)) if r.get(key) is not None else 0.0 for r in train_rows]
+            ax.bar(tits, vals, bottom=bottom, label=key.removeprefix("time_").removesuffix("_s"))
+            bottom = [a + b for a, b in zip(bottom, vals, strict=True)]
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("seconds")
+        ax.legend(fontsize=8)
+    else:
+        _empty(ax, "no iteration yet")
+    ax.set_title("Time breakdown", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(plot_dir / "time.png", dpi=100)
+    plt.close(fig)
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    return cols
+
+
+def _summary(cfg: dict) -> list[tuple[str, str]]:
+    def g(*keys: str):
+        node = cfg
+        for k in keys:
+            node = (node or {}).get(k)
+        return node
+
+    return [
+        ("model", str(g("model", "path"))),
+        ("reward", f"{g('reward', 'kind')}: {g('reward', 'function') if g('reward', 'kind') == 'function' else g('reward', 'model_path') or g('reward', 'url')}"),
+        ("algorithm", f"{g('algorithm', 'name')} (beta={g('algorithm', 'beta')}, nll_coef={g('algorithm', 'nll_coef')}, reference={g('algorithm', 'reference')})"),
+        ("selection", f"{g('selection', 'mode')} (rho={g('selection', 'rho')})"),
+        ("iterations", str(g("iterations"))),
+        ("rollout", f"n={g('rollout', 'n_samples')}, T={g('rollout', 'temperature')}, max_new_tokens={g('rollout', 'max_new_tokens')}"),
+        ("training", f"ZeRO-{g('train', 'zero_stage')}, {g('train', 'num_workers')} ranks, lr={g('train', 'lr')}, epochs={g('train', 'epochs')}"),
+    ]
+
+
+def _examples(samples: list[dict]) -> list[dict]:
+    """Initial vs latest eval answers for the first few eval prompts."""
+    evals = [s for s in samples if s.get("examples")]
+    if not evals:
+        return []
+    first, last = evals[0], evals[-1]
+    return [
+        {"prompt": a["prompt"], "initial": a["response"], "initial_reward": a["reward"], "latest": b["response"],
+         "latest_reward": b["reward"], "latest_iteration": last["iteration"]}
+        for a, b in zip(first["examples"], last["examples"], strict=False)
+    ]
+
+
+def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+    """Rebuild report.md, report.html and plots/ from the run's files; returns the HTML path."""
+    rd = RunDir(run_dir)
+    out = Path(out_dir or run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = rd.root / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    rows, samples = rd.read_metrics(), rd.read_samples()
+    algorithm = (cfg.get("algorithm") or {}).get("name", "?")
+    _plots(rows, samples, out / "plots", algorithm)
+    cols = _columns(rows)
+    summary = _summary(cfg)
+    examples = _examples(samples)
+
+    md = ["# onalign run report", "", f"Run directory: `{rd.root}`", ""]
+    md += ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary] + [""]
+    md += ["## Metrics per iteration", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows] + [""]
+    md += ["## Plots", ""] + [f"![{title}](plots/{name})" for name, title in PLOTS.items()] + [""]
+    if examples:
+        md += ["## Eval examples: initial vs latest policy", "", "| prompt | initial | reward | latest | reward |",
+               "|---|---|---|---|---|"]
+        md += [f"| {e['prompt']} | {e['initial']!r} | {e['initial_reward']:.3f} | {e['latest']!r} | "
+               f"{e['latest_reward']:.3f} |" for e in examples]
+    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+
+    esc = html.escape
+    h = ["<!doctype html><html><head><meta charset='utf-8'><title>onalign report</title>",
+         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
+         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{margin:4px}</style></head><body>",
+         "<h1>onalign run report</h1>", f"<p>Run directory: <code>{esc(str(rd.root))}</code></p><table>"]
+    h += [f"<tr><th>{esc(k)}</th><td style='text-align:left'>{esc(v)}</td></tr>" for k, v in summary]
+    h += ["</table><h2>Metrics per iteration</h2><table><tr>"] + [f"<th>{esc(c)}</th>" for c in cols] + ["</tr>"]
+    for r in rows:
+        h += ["<tr>"] + [f"<td>{esc(_fmt(r.get(c)))}</td>" for c in cols] + ["</tr>"]
+    h += ["</table><h2>Plots</h2>"]
+    h += [f"<img src='plots/{name}' alt='{esc(title)}' title='{esc(title)}'>" for name, title in PLOTS.items()]
+    if examples:
+        h += ["<h2>Eval examples: initial vs latest policy</h2><table><tr><th>prompt</th><th>initial</th>"
+              "<th>reward</th><th>latest</th><th>reward</th></tr>"]
+        h += [f"<tr><td>{esc(e['prompt'])}</td><td>{esc(e['initial'])}</td><td>{e['initial_reward']:.3f}</td>"
+              f"<td>{esc(e['latest'])}</td><td>{e['latest_reward']:.3f}</td></tr>" for e in examples]
+        h += ["</table>"]
+    h += ["</body></html>"]
+    path = out / "report.html"
+    path.write_text("\n".join(h), encoding="utf-8")
+    return path
+
+
+def write_comparison(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
+    """Several runs (methods, rho values) on shared axes: eval reward, win rate and generated tokens."""
+    out = Path(out_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    runs = []
+    for d in run_dirs:
+        rd = RunDir(d)
+        cfg_path = rd.root / "config.yaml"
+        cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        label = f"{rd.root.name} ({cfg.get('algorithm', {}).get('name', '?')}, "
+        label += f"{cfg.get('selection', {}).get('mode', '?')} rho={cfg.get('selection', {}).get('rho', '?')})"
+        runs.append((label, rd.read_metrics()))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for label, rows in runs:
+        its = [r["iteration"] for r in rows]
+        axes[0].plot(its, [_num(r.get("eval_reward_mean")) for r in rows], "o-", label=label)
+        axes[1].plot(its, [_num(r.get("win_rate_vs_initial")) for r in rows], "o-", label=label)
+        tr = [r for r in rows if r["iteration"] > 0]
+        cum, total = [], 0.0
+        for r in tr:
+            total += _num(r.get("generated_tokens"))
+            cum.append(total)
+        axes[2].plot([r["iteration"] for r in tr], cum, "o-", label=label)
+    for ax, title in zip(axes, ["eval reward", "win rate vs initial", "cumulative generated tokens"], strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "comparison.png", dpi=100)
+    plt.close(fig)
+    md = ["# onalign comparison", "", "| run | iterations | final eval reward | final win rate | generated tokens |",
+          "|---|---|---|---|---|"]
+    for label, rows in runs:
+        last = rows[-1] if rows else {}
+        tokens = sum(_num(r.get("generated_tokens")) for r in rows if r["iteration"] > 0)
+        md.append(f"| {label} | {last.get('iteration', 0)} | {_fmt(last.get('eval_reward_mean'))} | "
+                  f"{_fmt(last.get('win_rate_vs_initial'))} | {int(tokens)} |")
+    md += ["", "![comparison](plots/comparison.png)"]
+    (out / "comparison.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    body = "\n".join(md[:-1]).replace("\n", "<br>\n")
+    (out / "comparison.html").write_text(
+        f"<!doctype html><html><body><pre>{html.escape(body)}</pre><img src='plots/comparison.png'></body></html>",
+        encoding="utf-8",
+    )
+    return out / "comparison.md"
+
+
+class Reporter:
+    """What the driver calls after each iteration: console row, report rewrite, TensorBoard scalars."""
+
+    def __init__(self, rundir: RunDir, cfg, console) -> None:
+        self.rundir, self.console = rundir, console
+        self.tb = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(rundir.root / "tensorboard"))
+        self.wandb = None
+        if cfg.wandb:
+            try:
+                import wandb
+
+                os.environ.setdefault("WANDB_MODE", "offline")
+                self.wandb = wandb.init(dir=str(rundir.root), config=cfg.model_dump(mode="json"))
+            except ImportError:
+                console.log("wandb=true but wandb is not installed; skipping W&B logging")
+
+    def iteration_done(self, row: dict) -> None:
+        self.console.iteration_done(row)
+        scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, row["iteration"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["iteration"])
+        write_report(self.rundir.root)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,1 @@
+"""Reward scoring, OPTune prompt selection and preference-pair building."""

@@ -1,0 +1,135 @@
+"""The reward actor: scores responses, keeps each prompt's pool across iterations, selects prompts
+(OPTune) and builds the training groups of the configured algorithm.
+
+A plain class; the driver wraps it with `ray.remote`. Its whole state (pools and current groups) is
+JSON-able for the run's checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+import numpy as np
+
+from pipeline.config import AlgorithmConfig, RewardConfig, SelectionConfig
+from pipeline.records import PreferenceBatch, PreferenceGroup, Rollout
+from rewards.pairs import PAIR_RULES
+from rewards.scorers import make_scorer, score
+from rewards.selection import prompt_score, select_prompts
+from workers.losses import get_algorithm
+
+
+class RewardWorker:
+    def __init__(self, reward_cfg: dict) -> None:
+        self.cfg = RewardConfig(**reward_cfg)
+        self.name, self.fn = make_scorer(self.cfg)
+
+    # ------------------------------------------------------------ run set-up and state
+    def reset(
+        self,
+        train: dict,
+        eval_set: dict,
+        algorithm: dict,
+        selection: dict,
+        n_samples: int,
+        seed: int,
+    ) -> None:
+        """Start a run. `train` / `eval_set`: dicts of lists `texts`, `references`, `prompt_ids`, `sft_ids`."""
+        self.train, self.eval = train, eval_set
+        self.algo_cfg = AlgorithmConfig(**algorithm)
+        self.algorithm = get_algorithm(self.algo_cfg.name)
+        self.selection = SelectionConfig(**selection)
+        self.n_samples = n_samples
+        self.seed = seed
+        n = len(train["texts"])
+        self.pools: list[list[Rollout]] = [[] for _ in range(n)]
+        self.groups: list[PreferenceGroup | None] = [None] * n
+        self.previous_groups: list[PreferenceGroup] = []
+
+    def state_dict(self) -> dict:
+        return {
+            "pools": [[dataclasses.asdict(r) for r in pool] for pool in self.pools],
+            "groups": [dataclasses.asdict(g) if g else None for g in self.groups],
+            "previous_groups": [dataclasses.asdict(g) for g in self.previous_groups],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["pools"]) != len(self.pools):
+            raise ValueError(
+                f"checkpoint has pools for {len(state['pools'])} prompts but this run has {len(self.pools)}; "
+                "resume with the same data settings or start a new output_dir"
+            )
+        self.pools = [[Rollout(**r) for r in pool] for pool in state["pools"]]
+        self.groups = [PreferenceGroup(**g) if g else None for g in state["groups"]]
+        self.previous_groups = [PreferenceGroup(**g) for g in state["previous_groups"]]
+
+    # ------------------------------------------------------------ selection
+    def select(self, iteration: int) -> list[int]:
+        """Prompts to (re)generate in this iteration: all of them first, then OPTune's rule."""
+        n = len(self.pools)
+        if iteration <= 1 or any(not p for p in self.pools):
+            return list(range(n))
+        scores = [prompt_score(p, g, self.selection.score) for p, g in zip(self.pools, self.groups, strict=True)]
+        rng = np.random.default_rng([self.seed, iteration])
+        return select_prompts(scores, self.selection.rho, self.selection.mode, rng)
+
+    # ------------------------------------------------------------ scoring
+    def _score(self, texts: list[str], references: list, prompts: list[str], rollouts: list[Rollout]) -> list[float]:
+        rewards = score(self.name, self.fn, prompts, texts, references)
+        if self.cfg.missing_eos_penalty is not None:
+            rewards = [
+                r + self.cfg.missing_eos_penalty if ro.finish_reason == "length" else r
+                for r, ro in zip(rewards, rollouts, strict=True)
+            ]
+        return rewards
+
+    def score_rollouts(self, rollouts: list[Rollout], split: str = "train") -> list[float]:
+        """Scores in the order given; `split` says which prompt set the indices refer to."""
+        data = self.train if split == "train" else self.eval
+        prompts = [data["texts"][r.prompt_index] for r in rollouts]
+        refs = [data["references"][r.prompt_index] for r in rollouts]
+        return self._score([r.text for r in rollouts], refs, prompts, rollouts)
+
+    def ingest(self, rollouts: list[Rollout], iteration: int) -> dict:
+        """Score new train rollouts, add them to their prompts' pools and rebuild those prompts' groups."""
+        rewards = self.score_rollouts(rollouts, "train")
+        touched = []
+        for r, reward in zip(rollouts, rewards, strict=True):
+            r.reward, r.iteration = reward, iteration
+            self.pools[r.prompt_index].append(r)
+            touched.append(r.prompt_index)
+        self.previous_groups = [g for g in self.groups if g is not None]
+        rule = PAIR_RULES[self.algorithm.pair_rule]
+        for i in sorted(set(touched)):
+            self.groups[i] = rule(i, self.train["prompt_ids"][i], self.pools[i], k=self.n_samples, sft_ids=self.train["sft_ids"][i])
+        distinct = _distinct_fraction(rollouts)
+        return {
+            "rewards": rewards,
+            "reward_mean": statistics.fmean(rewards) if rewards else float("nan"),
+            "reward_std": statistics.pstdev(rewards) if rewards else float("nan"),
+            "distinct_response_fraction": distinct,
+        }
+
+    def batch(self) -> tuple[PreferenceBatch, dict]:
+        """The current training groups (regenerated and reused alike) and pair statistics."""
+        groups = [g for g in self.groups if g is not None]
+        if self.algorithm.name == "spin" and self.algo_cfg.spin_mix_previous:
+            groups = groups + self.previous_groups[: len(groups)]
+        with_pool = sum(1 for p in self.pools if p)
+        gaps = [g.rewards[0] - g.rewards[-1] for g in groups]
+        stats = {
+            "pairs": len(groups),
+            "pairs_dropped_ties": with_pool - sum(1 for g in self.groups if g is not None),
+            "pair_reward_gap_mean": statistics.fmean(gaps) if gaps else 0.0,
+        }
+        return PreferenceBatch(groups), stats
+
+
+def _distinct_fraction(rollouts: list[Rollout]) -> float:
+    """Share of a prompt's samples that are distinct, averaged over prompts (1.0 = all differ)."""
+    by_prompt: dict[int, list[tuple]] = {}
+    for r in rollouts:
+        by_prompt.setdefault(r.prompt_index, []).append(tuple(r.response_ids))
+    fractions = [len(set(v)) / len(v) for v in by_prompt.values()]
+    return statistics.fmean(fractions) if fractions else 1.0

@@ -1,0 +1,49 @@
+"""Pair- and list-building rules: from a prompt's pool of scored responses to one training group.
+
+Ties are broken deterministically by position in the pool (earlier wins), so the same pool always
+gives the same group.
+"""
+
+from __future__ import annotations
+
+from pipeline.records import PreferenceGroup, Rollout
+
+
+def _ranked(pool: list[Rollout]) -> list[Rollout]:
+    """Pool sorted by reward, best first; equal rewards keep pool order (stable)."""
+    return sorted(pool, key=lambda r: -float(r.reward))
+
+
+def best_worst(prompt_index: int, prompt_ids: list[int], pool: list[Rollout], **_) -> PreferenceGroup | None:
+    """chosen = highest reward, rejected = lowest; None when every response ties."""
+    if len(pool) < 2:
+        return None
+    ranked = _ranked(pool)
+    best, worst = ranked[0], ranked[-1]
+    if best.reward == worst.reward:
+        return None
+    return PreferenceGroup(prompt_index, prompt_ids, [best.response_ids, worst.response_ids], [best.reward, worst.reward])
+
+
+def ranked_list(
+    prompt_index: int, prompt_ids: list[int], pool: list[Rollout], k: int = 4, **_
+) -> PreferenceGroup | None:
+    """RRHF's k responses (the newest k of the pool), ranked by reward; None when all tie."""
+    latest = pool[-k:]
+    if len(latest) < 2 or len({r.reward for r in latest}) == 1:
+        return None
+    ranked = _ranked(latest)
+    return PreferenceGroup(prompt_index, prompt_ids, [r.response_ids for r in ranked], [r.reward for r in ranked])
+
+
+def ground_truth(
+    prompt_index: int, prompt_ids: list[int], pool: list[Rollout], sft_ids: list[int] | None = None, **_
+) -> PreferenceGroup | None:
+    """SPIN: chosen = the dataset's ground-truth response, rejected = the policy's newest own generation."""
+    if sft_ids is None or not pool:
+        return None
+    own = pool[-1]
+    return PreferenceGroup(prompt_index, prompt_ids, [sft_ids, own.response_ids], [1.0, own.reward or 0.0])
+
+
+PAIR_RULES = {"best_worst": best_worst, "ranked": ranked_list, "ground_truth": ground_truth}

@@ -1,0 +1,80 @@
+"""Reward scorers: one interface, several kinds (`reward.kind`).
+
+A scorer is called as `scorer(prompts, responses, references) -> list[float]` (see
+`rewards.functions` for the meaning of each argument) and must return one finite score per response,
+in order. `check_scores` enforces that with a message naming the reward and the offending sample.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+
+from pipeline.config import RewardConfig
+
+ScoreFn = Callable[[list[str], list[str], list[str | None]], list[float]]
+
+
+class RewardError(RuntimeError):
+    """The reward failed or returned a bad score; the message names the reward and the sample."""
+
+
+def load_function(spec: str) -> ScoreFn:
+    if ":" not in spec:
+        raise RewardError(f"reward.function '{spec}' must look like 'package.module:function'")
+    module_name, fn_name = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RewardError(f"reward.function '{spec}': cannot import module '{module_name}' ({e})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise RewardError(f"reward.function '{spec}': module '{module_name}' has no function '{fn_name}'")
+    return fn
+
+
+def check_scores(name: str, scores: object, prompts: list[str], responses: list[str]) -> list[float]:
+    """One finite float per response, or a RewardError that names the reward and the sample."""
+    try:
+        values = [float(s) for s in scores]  # type: ignore[union-attr]
+    except (TypeError, ValueError) as e:
+        raise RewardError(f"reward '{name}' returned {type(scores).__name__}, not a list of numbers ({e})") from None
+    if len(values) != len(responses):
+        raise RewardError(f"reward '{name}' returned {len(values)} scores for {len(responses)} responses")
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise RewardError(
+                f"reward '{name}' returned {v} for sample {i} (prompt {prompts[i]!r}, response {responses[i]!r}); "
+                "rewards must be finite numbers: fix the reward function or model"
+            )
+    return values
+
+
+def make_scorer(cfg: RewardConfig) -> tuple[str, ScoreFn]:
+    """(display name, scoring callable) for the configured reward kind."""
+    if cfg.kind == "function":
+        return cfg.function, load_function(cfg.function)
+    if cfg.kind == "model":
+        from rewards.model import ModelScorer
+
+        return f"model:{cfg.model_path}", ModelScorer(cfg)
+    from rewards.remote import RemoteScorer
+
+    return f"remote:{cfg.url}", RemoteScorer(cfg)
+
+
+def score(name: str, fn: ScoreFn, prompts: list[str], responses: list[str], refs: list[str | None]) -> list[float]:
+    """Call the scorer and validate what comes back."""
+    if not responses:
+        return []
+    try:
+        raw = fn(prompts, responses, refs)
+    except RewardError:
+        raise
+    except Exception as e:  # a user's reward function: report it, with what it was scoring
+        raise RewardError(
+            f"reward '{name}' raised {type(e).__name__}: {e} (while scoring {len(responses)} responses, "
+            f"first prompt {prompts[0]!r}); fix the reward function"
+        ) from None
+    return check_scores(name, raw, prompts, responses)

@@ -1,0 +1,77 @@
+"""Shared fixtures: one local Ray cluster, one tiny model, one set of heavy actors (vLLM engine +
+2 DeepSpeed ranks) for the whole session; each end-to-end test starts its own run on them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from pipeline.config import load_config  # noqa: E402
+
+TEST_OVERRIDES = [
+    "data.num_train_prompts=48",
+    "data.num_eval_prompts=16",
+    "train.micro_batch_size=8",
+    "train.epochs=1",
+    "quiet=true",
+    "tensorboard=true",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def make_cfg(tmp_path, *overrides: str, config: str | None = "configs/demo-cpu.yaml"):
+    return load_config(config, [*TEST_OVERRIDES, f"output_dir={tmp_path}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    from pipeline.tiny_model import tiny_model_path
+
+    return str(tiny_model_path())
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1 << 30,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def workers(ray_cluster, model_path, tmp_path_factory):
+    from pipeline.driver import start_workers
+
+    cfg = make_cfg(tmp_path_factory.mktemp("workers"))
+    w = start_workers(cfg, model_path)
+    yield w
+    w.shutdown()
+
+
+@pytest.fixture
+def run_tiny(workers, tmp_path):
+    """Run the tiny demo config with overrides on the shared actors; returns (rows, run_dir)."""
+    from pipeline.driver import prepare, run_with_workers
+
+    def _run(*overrides: str, out=None):
+        cfg = make_cfg(out or tmp_path, *overrides)
+        rows = run_with_workers(prepare(cfg), workers)
+        return rows, cfg.output_dir
+
+    return _run

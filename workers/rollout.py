@@ -1,0 +1,124 @@
+"""The rollout actor: one vLLM engine, in the actor's own process, sampling from the current policy.
+
+Prompts arrive as token ids (rendered once by the driver), so vLLM and the trainers see the same
+tokens. Each of the n samples of a prompt is its own request with its own seed derived from
+(run seed, iteration, prompt, sample): runs are reproducible (and resumable) while the samples of a
+prompt stay independent (one request with n > 1 and a fixed seed gave correlated samples).
+"""
+
+from __future__ import annotations
+
+import os
+
+from pipeline.records import Rollout
+
+# Keep the engine core inside this process (what a Ray actor wants), and keep it offline.
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+
+
+def sample_seed(seed: int, iteration: int, prompt_index: int, sample: int) -> int:
+    return (seed * 1_000_003 + iteration * 10_007 + prompt_index * 101 + sample) % (2**31 - 1)
+
+
+class RolloutWorker:
+    def __init__(self, model_path: str, rollout_cfg: dict, dtype: str = "float32", seed: int = 0) -> None:
+        os.environ.update(ENGINE_ENV)
+        import torch
+        from vllm import LLM
+
+        kwargs: dict = {}
+        if not torch.cuda.is_available():
+            kwargs["kv_cache_memory_bytes"] = int(rollout_cfg["kv_cache_mb"]) * 2**20
+        else:
+            kwargs["gpu_memory_utilization"] = rollout_cfg["gpu_memory_utilization"]
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            max_model_len=rollout_cfg["max_model_len"],
+            tensor_parallel_size=rollout_cfg["tensor_parallel_size"],
+            enforce_eager=True,
+            seed=seed,
+            enable_prefix_caching=True,
+            **kwargs,
+        )
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        prompt_indices: list[int],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+        iteration: int,
+    ) -> list[Rollout]:
+        """n samples per prompt, one request each; temperature 0 gives one greedy answer per prompt."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        requests, params, owners = [], [], []
+        for ids, idx in zip(prompt_ids, prompt_indices, strict=True):
+            for j in range(n if temperature > 0 else 1):
+                requests.append(TokensPrompt(prompt_token_ids=ids))
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=temperature,
+                        top_p=top_p,
+                        max_tokens=max_new_tokens,
+                        seed=sample_seed(seed, iteration, idx, j),
+                        logprobs=0,
+                    )
+                )
+                owners.append(idx)
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        rollouts = []
+        for idx, out in zip(owners, outputs, strict=True):
+            o = out.outputs[0]
+            rollouts.append(
+                Rollout(
+                    prompt_index=idx,
+                    response_ids=list(o.token_ids),
+                    text=o.text,
+                    finish_reason="length" if o.finish_reason == "length" else "stop",
+                    sample_logprob=o.cumulative_logprob,
+                )
+            )
+        return rollouts
+
+    def response_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
+        """log pi(y|x) summed over response tokens as the engine computes it (prompt_logprobs)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        reqs = [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+        outs = self.llm.generate(reqs, params, use_tqdm=False)
+        totals = []
+        for p, r, out in zip(prompt_ids, response_ids, outs, strict=True):
+            entries = out.prompt_logprobs
+            total = 0.0
+            for pos in range(len(p), len(p) + len(r)):
+                total += entries[pos][r[pos - len(p)]].logprob
+            totals.append(total)
+        return totals
+
+    def load_weights(self, named_tensors: dict) -> int:
+        """CPU sync path: HF-named tensors into the live engine via the worker's reload_weights."""
+        items = list(named_tensors.items())
+        self.llm.collective_rpc(lambda worker: worker.reload_weights(weights_iterator=iter(items)))
+        self.llm.reset_prefix_cache()
+        return len(items)
+
+    def ready(self) -> bool:
+        return True

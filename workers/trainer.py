@@ -1,0 +1,262 @@
+"""The DeepSpeed trainer actor (one per data-parallel rank, ZeRO stage 2 or 3).
+
+Between iterations every rank holds the policy as an HF state dict on CPU. Each iteration:
+
+1. reference log-probs of the rank's shard are computed once, with no grad, from the reference
+   weights (the iteration's starting policy, or the initial policy), so no reference model stays
+   resident during training;
+2. a DeepSpeed engine is built from the current weights with a fresh optimizer (each iteration is
+   its own fine-tuning run, as in SPIN/APO/OPTune), trained for `epochs` over the shard with one
+   concatenated forward per micro-batch (all K responses of a group together);
+3. the full weights are gathered back (ZeRO-3: `GatheredParameters`) and the engine is dropped.
+
+APO's extrapolation is then plain tensor arithmetic on the full weights, on every rank.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import statistics
+
+import torch
+
+from pipeline.config import AlgorithmConfig, TrainConfig
+from pipeline.records import PreferenceBatch, PreferenceGroup
+from workers.logprobs import batched_sequence_logprobs, sequence_logprobs
+from workers.losses import LossInputs, get_algorithm
+
+StateDict = dict[str, torch.Tensor]
+
+
+def shard_for_rank(groups: list[PreferenceGroup], rank: int, world: int) -> list[PreferenceGroup]:
+    """Equal-sized strided shards (the remainder of len % world is dropped so that every rank runs the
+    same number of collective steps)."""
+    usable = len(groups) - len(groups) % world
+    return groups[:usable][rank::world]
+
+
+def ds_config(train: TrainConfig, world: int) -> dict:
+    zero: dict = {"stage": train.zero_stage}
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": train.micro_batch_size * world,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": train.lr, "weight_decay": train.weight_decay, "torch_adam": True},
+        },
+        "zero_optimization": zero,
+        "gradient_clipping": train.grad_clip,
+        "bf16": {"enabled": train.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class TrainerWorker:
+    def __init__(self, rank: int, world: int, master_addr: str, master_port: int) -> None:
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(rank),
+            LOCAL_RANK="0",
+            WORLD_SIZE=str(world),
+        )
+        self.cuda = torch.cuda.is_available()
+        if not self.cuda:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            torch.set_num_threads(1)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
+        self.rank, self.world = rank, world
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+
+    # ------------------------------------------------------------ run set-up
+    def setup(self, model_path: str, train: dict, algorithm: dict, seed: int, trust_remote_code: bool = False) -> int:
+        """Load the initial policy (safetensors only) and the run's settings; returns the parameter count."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        self.train_cfg = TrainConfig(**train)
+        self.algo_cfg = AlgorithmConfig(**algorithm)
+        self.algorithm = get_algorithm(self.algo_cfg.name)
+        self.seed = seed
+        self.model_path = model_path
+        self.hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.trust_remote_code = trust_remote_code
+        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+        self.weights: StateDict = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.initial = self.weights if self.algo_cfg.reference == "initial" else None
+        self.trained_prev: StateDict = self.weights  # APO's theta_hat of the previous iteration
+        return sum(v.numel() for v in self.weights.values())
+
+    def set_weights(self, weights: StateDict, trained_prev: StateDict | None = None) -> None:
+        """Resume: replace the current policy (and APO's previous iterate)."""
+        self.weights = {k: v.clone() for k, v in weights.items()}
+        self.trained_prev = {k: v.clone() for k, v in (trained_prev or weights).items()}
+
+    # ------------------------------------------------------------ models
+    def _model(self, weights: StateDict) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(
+            self.hf_config, dtype=torch.float32, trust_remote_code=self.trust_remote_code
+        )
+        model.load_state_dict(weights, strict=False)
+        if self.train_cfg.bf16:
+            model = model.to(torch.bfloat16)
+        return model.to(self.device)
+
+    def sequence_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
+        """log pi(y|x) of the current policy (used to check weight sync)."""
+        model = self._model(self.weights).eval()
+        lp, _ = batched_sequence_logprobs(model, prompts, responses, self.pad_id)
+        return lp.tolist()
+
+    # ------------------------------------------------------------ training
+    def _flatten(self, groups: list[PreferenceGroup]) -> tuple[list[list[int]], list[list[int]]]:
+        prompts = [g.prompt_ids for g in groups for _ in g.responses]
+        responses = [r for g in groups for r in g.responses]
+        return prompts, responses
+
+    def train(self, batch: PreferenceBatch, iteration: int) -> dict:
+        """Train one iteration on this rank's shard; returns per-rank metrics (the driver averages)."""
+        import deepspeed
+
+        shard = shard_for_rank(batch.groups, self.rank, self.world)
+        if not shard:
+            return {"steps": 0, "trained_pairs": 0}
+        k = len(shard[0].responses)
+        ref_logps = sft_logps = None
+        if self.algorithm.needs_reference:
+            ref_weights = self.initial if self.initial is not None else self.weights
+            ref_model = self._model(ref_weights).eval()
+            ref_logps, _ = batched_sequence_logprobs(ref_model, *self._flatten(shard), self.pad_id)
+            ref_logps = ref_logps.view(len(shard), k)
+            del ref_model
+        model = self._model(self.weights)
+        if getattr(self.train_cfg, "gradient_checkpointing", False):
+            model.gradient_checkpointing_enable()
+        model.train()
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config(self.train_cfg, self.world),
+        )
+        order = list(range(len(shard)))
+        mb = self.train_cfg.micro_batch_size
+        losses: list[float] = []
+        stats: dict[str, list[float]] = {}
+        for epoch in range(self.train_cfg.epochs):
+            random.Random(hash((self.seed, iteration, epoch))).shuffle(order)
+            for start in range(0, len(order), mb):
+                idx = order[start : start + mb]
+                groups = [shard[i] for i in idx]
+                logps, lengths = sequence_logprobs(engine, *self._flatten(groups), self.pad_id)
+                inputs = LossInputs(
+                    logps=logps.view(len(groups), k),
+                    lengths=lengths.view(len(groups), k),
+                    rewards=torch.tensor([g.rewards for g in groups], dtype=torch.float32, device=logps.device),
+                    ref_logps=ref_logps[idx].to(logps.device) if ref_logps is not None else None,
+                )
+                if self.algorithm.needs_sft_target and self.algorithm.pair_rule != "ground_truth":
+                    sft, sft_len = sequence_logprobs(
+                        engine, [g.prompt_ids for g in groups], [g.sft_ids or [] for g in groups], self.pad_id
+                    )
+                    inputs.sft_logps, inputs.sft_lengths = sft, sft_len
+                per_item, item_stats = self.algorithm.loss(inputs, self.algo_cfg)
+                loss = per_item.mean()
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(loss.detach()))
+                for key, val in item_stats.items():
+                    stats.setdefault(key, []).extend(val.float().cpu().tolist())
+        self.weights = self._gather(engine)
+        del engine, model
+        gc.collect()
+        out = {"steps": len(losses), "trained_pairs": len(shard), "loss": statistics.fmean(losses)}
+        out.update({k: statistics.fmean(v) for k, v in stats.items()})
+        if "pair_weight" in stats:
+            out["pair_weights"] = stats["pair_weight"][: len(shard)]
+        return out
+
+    def _gather(self, engine) -> StateDict:
+        """Full fp32 weights on CPU, on every rank (ZeRO-3 gathers each partitioned parameter)."""
+        module = engine.module
+        if self.train_cfg.zero_stage == 3:
+            from deepspeed.runtime.zero import GatheredParameters
+
+            out = {}
+            for name, param in module.named_parameters():
+                with GatheredParameters([param]):
+                    out[name] = param.detach().float().cpu().clone()
+            for name, buf in module.named_buffers():
+                out[name] = buf.detach().cpu().clone()
+        else:
+            out = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        # Tied embeddings share storage: keep the names the checkpoint format expects.
+        for key in self.weights:
+            if key not in out:
+                src = "model.embed_tokens.weight" if key == "lm_head.weight" else key
+                out[key] = out[src]
+        return {k: out[k] for k in self.weights}
+
+    def extrapolate(self, alpha: float) -> float:
+        """APO: theta <- theta_hat + alpha * (theta_hat - theta_hat_prev); returns the step's L2 norm."""
+        trained = self.weights
+        step_sq = 0.0
+        new = {}
+        for name, w in trained.items():
+            delta = w - self.trained_prev[name]
+            step_sq += float((alpha * delta).pow(2).sum())
+            new[name] = w + alpha * delta
+        self.trained_prev = trained
+        self.weights = new
+        return step_sq**0.5
+
+    # ------------------------------------------------------------ weights out
+    def get_weights(self) -> StateDict:
+        return self.weights
+
+    def get_trained_prev(self) -> StateDict:
+        return self.trained_prev
+
+    def save(self, path: str) -> None:
+        """Checkpoint: `path/policy` (HF model dir, safetensors + tokenizer) and APO's previous iterate."""
+        if self.rank != 0:
+            return
+        from safetensors.torch import save_file
+        from transformers import AutoTokenizer
+
+        model = self._model(self.weights)
+        model.save_pretrained(os.path.join(path, "policy"), safe_serialization=True)
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(os.path.join(path, "policy"))
+        if self.algorithm.extrapolate:
+            prev = {k: v.clone().contiguous() for k, v in self.trained_prev.items()}  # untie shared storage
+            save_file(prev, os.path.join(path, "apo_prev.safetensors"))
+
+    def load_checkpoint(self, path: str) -> None:
+        """Resume from `save`'s layout (safetensors only; no pickle is ever loaded)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.join(path, "policy"), dtype=torch.float32, use_safetensors=True,
+            trust_remote_code=self.trust_remote_code,
+        )
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        prev = os.path.join(path, "apo_prev.safetensors")
+        if os.path.exists(prev):
+            from safetensors.torch import load_file
+
+            loaded = load_file(prev)
+            trained_prev = {k: loaded.get(k, weights[k]) for k in weights}
+        else:
+            trained_prev = weights
+        self.set_weights(weights, trained_prev)
