@@ -6,13 +6,21 @@ import argparse
 import sys
 
 USER_ERRORS = (
-    "ConfigError", "DataError", "RunDirError", "PipelineError", "ResumeError", "RewardError", "FileNotFoundError",
+    "ConfigError",
+    "DataError",
+    "RunDirError",
+    "PipelineError",
+    "ResumeError",
+    "RewardError",
+    "FileNotFoundError",
     "PlanError",
 )
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onalign", description="Online iterative preference alignment on Ray + vLLM + DeepSpeed")
+    p = argparse.ArgumentParser(
+        prog="onalign", description="Online iterative preference alignment on Ray + vLLM + DeepSpeed"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the configured number of alignment iterations")
     run.add_argument("config", help="YAML config (see configs/)")
@@ -70,8 +78,10 @@ def _dispatch(args) -> int:
 
     rows = run(cfg)
     last = rows[-1] if rows else {}
-    print(f"[onalign] done: {last.get('iteration', 0)} iterations, final eval_reward_mean="
-          f"{last.get('eval_reward_mean')}; report: {cfg.output_dir}/report.html")
+    print(
+        f"[onalign] done: {last.get('iteration', 0)} iterations, final eval_reward_mean="
+        f"{last.get('eval_reward_mean')}; report: {cfg.output_dir}/report.html"
+    )
     return 0
 
 

@@ -243,19 +243,35 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml_tree(path: str | os.PathLike, _seen: tuple = ()) -> dict:
+    """A config file as a dict; `base: other.yaml` (relative to the file) is loaded first and overlaid."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist; see configs/ for examples")
+    if p.resolve() in _seen:
+        raise ConfigError(f"config file '{p}' includes itself through 'base'")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping of keys, got {type(tree).__name__}")
+    base = tree.pop("base", None)
+    if base is not None:
+        tree = _merge(read_yaml_tree(p.parent / base, (*_seen, p.resolve())), tree)
+    return tree
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
     """Read YAML (or the defaults when `path` is None), apply overrides, validate."""
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist; see configs/ for examples")
-        try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file '{p}' must hold a mapping of keys, got {type(tree).__name__}")
+    tree = read_yaml_tree(path) if path is not None else {}
     tree = apply_overrides(tree, overrides or [])
     return validate_config(tree)
 

@@ -92,8 +92,12 @@ def start_workers(cfg: RunConfig, model_path: str) -> Workers:
         num_cpus=r.num_cpus, num_gpus=r.num_gpus * r.tensor_parallel_size, runtime_env={"env_vars": ENGINE_ENV}
     )
     engines = [engine_cls.remote(model_path, r.model_dump(), cfg.model.dtype, cfg.seed) for _ in range(r.num_engines)]
-    trainer_env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-                   "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    trainer_env = {
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
     if t.num_gpus == 0:
         trainer_env["DS_ACCELERATOR"] = "cpu"
     trainers = TrainerGroup(t.num_workers, t.num_cpus, t.num_gpus, trainer_env)
@@ -110,8 +114,10 @@ def _rollout_cls():
 def make_reward_actor(cfg: RunConfig):
     from rewards.actor import RewardWorker
 
-    return ray.remote(RewardWorker).options(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus).remote(
-        cfg.reward.model_dump()
+    return (
+        ray.remote(RewardWorker)
+        .options(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus)
+        .remote(cfg.reward.model_dump())
     )
 
 
@@ -133,8 +139,9 @@ def run_with_workers(prep: Prepared, workers: Workers, console: Console | None =
 def run(cfg: RunConfig) -> list[dict]:
     console = Console(cfg.quiet)
     prep = prepare(cfg)
-    console.log(f"model {prep.model_path}; {len(prep.train)} train / {len(prep.eval)} eval prompts; "
-                f"output {prep.rundir.root}")
+    console.log(
+        f"model {prep.model_path}; {len(prep.train)} train / {len(prep.eval)} eval prompts; output {prep.rundir.root}"
+    )
     init_ray(cfg)
     with console.status("starting vLLM engines and DeepSpeed trainers"):
         workers = start_workers(cfg, prep.model_path)

@@ -38,8 +38,17 @@ class Workers:
 
 
 class Loop:
-    def __init__(self, cfg: RunConfig, workers: Workers, model_path: str, train: PromptSet, eval_set: PromptSet,
-                 rundir: RunDir, reward_actor, reporter) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        workers: Workers,
+        model_path: str,
+        train: PromptSet,
+        eval_set: PromptSet,
+        rundir: RunDir,
+        reward_actor,
+        reporter,
+    ) -> None:
         self.cfg, self.workers, self.model_path = cfg, workers, model_path
         self.train_set, self.eval_set = train, eval_set
         self.rundir, self.reward, self.reporter = rundir, reward_actor, reporter
@@ -67,16 +76,26 @@ class Loop:
                 f"{self.rundir.checkpoints}; rerun the same command with --resume to continue from the last one"
             ) from None
 
-    def generate(self, prompt_set: PromptSet, indices: list[int], n: int, temperature: float, iteration: int
-                 ) -> list[Rollout]:
+    def generate(
+        self, prompt_set: PromptSet, indices: list[int], n: int, temperature: float, iteration: int
+    ) -> list[Rollout]:
         """Spread prompts over the engines round-robin; results come back in (prompt, sample) order."""
         r = self.cfg.rollout
         engines = self.workers.rollouts
         parts = [indices[e :: len(engines)] for e in range(len(engines))]
         refs = [
-            eng.generate.remote([prompt_set.prompt_ids[i] for i in part], part, n, temperature, r.top_p,
-                                r.max_new_tokens, self.cfg.seed, iteration)
-            for eng, part in zip(engines, parts, strict=True) if part
+            eng.generate.remote(
+                [prompt_set.prompt_ids[i] for i in part],
+                part,
+                n,
+                temperature,
+                r.top_p,
+                r.max_new_tokens,
+                self.cfg.seed,
+                iteration,
+            )
+            for eng, part in zip(engines, parts, strict=True)
+            if part
         ]
         out = [ro for chunk in self.get(refs, "generation") for ro in chunk]
         return sorted(out, key=lambda ro: ro.prompt_index)  # stable: samples keep their order
@@ -96,13 +115,16 @@ class Loop:
             self.initial_eval = rewards
         wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, self.initial_eval, strict=True)]
         k = self.cfg.eval.num_examples
-        self.rundir.append_samples({
-            "iteration": iteration,
-            "eval_rewards": rewards,
-            "examples": [
-                {"prompt": self.eval_set.texts[i], "response": rollouts[i].text, "reward": rewards[i]} for i in idx[:k]
-            ],
-        })
+        self.rundir.append_samples(
+            {
+                "iteration": iteration,
+                "eval_rewards": rewards,
+                "examples": [
+                    {"prompt": self.eval_set.texts[i], "response": rollouts[i].text, "reward": rewards[i]}
+                    for i in idx[:k]
+                ],
+            }
+        )
         return {
             "eval_reward_mean": statistics.fmean(rewards),
             "win_rate_vs_initial": statistics.fmean(wins),
@@ -113,12 +135,28 @@ class Loop:
     def start(self) -> int:
         """Set up actors for this run (fresh or resumed); returns the first iteration to run."""
         cfg = self.cfg
-        self.get(self.reward.reset.remote(self.train_set.as_dict(), self.eval_set.as_dict(),
-                                          cfg.algorithm.model_dump(), cfg.selection.model_dump(),
-                                          cfg.rollout.n_samples, cfg.seed), "reward reset")
-        self.get(self.workers.trainers.call("setup", self.model_path, cfg.train.model_dump(),
-                                            cfg.algorithm.model_dump(), cfg.seed, cfg.model.trust_remote_code),
-                 "trainer setup")
+        self.get(
+            self.reward.reset.remote(
+                self.train_set.as_dict(),
+                self.eval_set.as_dict(),
+                cfg.algorithm.model_dump(),
+                cfg.selection.model_dump(),
+                cfg.rollout.n_samples,
+                cfg.seed,
+            ),
+            "reward reset",
+        )
+        self.get(
+            self.workers.trainers.call(
+                "setup",
+                self.model_path,
+                cfg.train.model_dump(),
+                cfg.algorithm.model_dump(),
+                cfg.seed,
+                cfg.model.trust_remote_code,
+            ),
+            "trainer setup",
+        )
         from pipeline.checkpoint import restore
 
         first = restore(self) if cfg.resume else 1
@@ -186,8 +224,9 @@ class Loop:
             "time_eval_s": ev["time_eval_s"],
         }
         row["time_total_s"] = time.perf_counter() - t0
-        self.rundir.append_samples({"iteration": it, "rollout_rewards": scored["rewards"],
-                                    "pair_weights": row.pop("pair_weights", None)})
+        self.rundir.append_samples(
+            {"iteration": it, "rollout_rewards": scored["rewards"], "pair_weights": row.pop("pair_weights", None)}
+        )
         return row
 
     def run(self) -> list[dict]:

@@ -159,12 +159,24 @@ def _summary(cfg: dict) -> list[tuple[str, str]]:
 
     return [
         ("model", str(g("model", "path"))),
-        ("reward", f"{g('reward', 'kind')}: {g('reward', 'function') if g('reward', 'kind') == 'function' else g('reward', 'model_path') or g('reward', 'url')}"),
-        ("algorithm", f"{g('algorithm', 'name')} (beta={g('algorithm', 'beta')}, nll_coef={g('algorithm', 'nll_coef')}, reference={g('algorithm', 'reference')})"),
+        (
+            "reward",
+            f"{g('reward', 'kind')}: {g('reward', 'function') if g('reward', 'kind') == 'function' else g('reward', 'model_path') or g('reward', 'url')}",
+        ),
+        (
+            "algorithm",
+            f"{g('algorithm', 'name')} (beta={g('algorithm', 'beta')}, nll_coef={g('algorithm', 'nll_coef')}, reference={g('algorithm', 'reference')})",
+        ),
         ("selection", f"{g('selection', 'mode')} (rho={g('selection', 'rho')})"),
         ("iterations", str(g("iterations"))),
-        ("rollout", f"n={g('rollout', 'n_samples')}, T={g('rollout', 'temperature')}, max_new_tokens={g('rollout', 'max_new_tokens')}"),
-        ("training", f"ZeRO-{g('train', 'zero_stage')}, {g('train', 'num_workers')} ranks, lr={g('train', 'lr')}, epochs={g('train', 'epochs')}"),
+        (
+            "rollout",
+            f"n={g('rollout', 'n_samples')}, T={g('rollout', 'temperature')}, max_new_tokens={g('rollout', 'max_new_tokens')}",
+        ),
+        (
+            "training",
+            f"ZeRO-{g('train', 'zero_stage')}, {g('train', 'num_workers')} ranks, lr={g('train', 'lr')}, epochs={g('train', 'epochs')}",
+        ),
     ]
 
 
@@ -175,8 +187,14 @@ def _examples(samples: list[dict]) -> list[dict]:
         return []
     first, last = evals[0], evals[-1]
     return [
-        {"prompt": a["prompt"], "initial": a["response"], "initial_reward": a["reward"], "latest": b["response"],
-         "latest_reward": b["reward"], "latest_iteration": last["iteration"]}
+        {
+            "prompt": a["prompt"],
+            "initial": a["response"],
+            "initial_reward": a["reward"],
+            "latest": b["response"],
+            "latest_reward": b["reward"],
+            "latest_iteration": last["iteration"],
+        }
         for a, b in zip(first["examples"], last["examples"], strict=False)
     ]
 
@@ -201,17 +219,27 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     md += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows] + [""]
     md += ["## Plots", ""] + [f"![{title}](plots/{name})" for name, title in PLOTS.items()] + [""]
     if examples:
-        md += ["## Eval examples: initial vs latest policy", "", "| prompt | initial | reward | latest | reward |",
-               "|---|---|---|---|---|"]
-        md += [f"| {e['prompt']} | {e['initial']!r} | {e['initial_reward']:.3f} | {e['latest']!r} | "
-               f"{e['latest_reward']:.3f} |" for e in examples]
+        md += [
+            "## Eval examples: initial vs latest policy",
+            "",
+            "| prompt | initial | reward | latest | reward |",
+            "|---|---|---|---|---|",
+        ]
+        md += [
+            f"| {e['prompt']} | {e['initial']!r} | {e['initial_reward']:.3f} | {e['latest']!r} | "
+            f"{e['latest_reward']:.3f} |"
+            for e in examples
+        ]
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
     esc = html.escape
-    h = ["<!doctype html><html><head><meta charset='utf-8'><title>onalign report</title>",
-         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
-         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{margin:4px}</style></head><body>",
-         "<h1>onalign run report</h1>", f"<p>Run directory: <code>{esc(str(rd.root))}</code></p><table>"]
+    h = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>onalign report</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{margin:4px}</style></head><body>",
+        "<h1>onalign run report</h1>",
+        f"<p>Run directory: <code>{esc(str(rd.root))}</code></p><table>",
+    ]
     h += [f"<tr><th>{esc(k)}</th><td style='text-align:left'>{esc(v)}</td></tr>" for k, v in summary]
     h += ["</table><h2>Metrics per iteration</h2><table><tr>"] + [f"<th>{esc(c)}</th>" for c in cols] + ["</tr>"]
     for r in rows:
@@ -219,10 +247,15 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     h += ["</table><h2>Plots</h2>"]
     h += [f"<img src='plots/{name}' alt='{esc(title)}' title='{esc(title)}'>" for name, title in PLOTS.items()]
     if examples:
-        h += ["<h2>Eval examples: initial vs latest policy</h2><table><tr><th>prompt</th><th>initial</th>"
-              "<th>reward</th><th>latest</th><th>reward</th></tr>"]
-        h += [f"<tr><td>{esc(e['prompt'])}</td><td>{esc(e['initial'])}</td><td>{e['initial_reward']:.3f}</td>"
-              f"<td>{esc(e['latest'])}</td><td>{e['latest_reward']:.3f}</td></tr>" for e in examples]
+        h += [
+            "<h2>Eval examples: initial vs latest policy</h2><table><tr><th>prompt</th><th>initial</th>"
+            "<th>reward</th><th>latest</th><th>reward</th></tr>"
+        ]
+        h += [
+            f"<tr><td>{esc(e['prompt'])}</td><td>{esc(e['initial'])}</td><td>{e['initial_reward']:.3f}</td>"
+            f"<td>{esc(e['latest'])}</td><td>{e['latest_reward']:.3f}</td></tr>"
+            for e in examples
+        ]
         h += ["</table>"]
     h += ["</body></html>"]
     path = out / "report.html"
@@ -260,13 +293,19 @@ def write_comparison(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLi
     fig.tight_layout()
     fig.savefig(out / "plots" / "comparison.png", dpi=100)
     plt.close(fig)
-    md = ["# onalign comparison", "", "| run | iterations | final eval reward | final win rate | generated tokens |",
-          "|---|---|---|---|---|"]
+    md = [
+        "# onalign comparison",
+        "",
+        "| run | iterations | final eval reward | final win rate | generated tokens |",
+        "|---|---|---|---|---|",
+    ]
     for label, rows in runs:
         last = rows[-1] if rows else {}
         tokens = sum(_num(r.get("generated_tokens")) for r in rows if r["iteration"] > 0)
-        md.append(f"| {label} | {last.get('iteration', 0)} | {_fmt(last.get('eval_reward_mean'))} | "
-                  f"{_fmt(last.get('win_rate_vs_initial'))} | {int(tokens)} |")
+        md.append(
+            f"| {label} | {last.get('iteration', 0)} | {_fmt(last.get('eval_reward_mean'))} | "
+            f"{_fmt(last.get('win_rate_vs_initial'))} | {int(tokens)} |"
+        )
     md += ["", "![comparison](plots/comparison.png)"]
     (out / "comparison.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     body = "\n".join(md[:-1]).replace("\n", "<br>\n")

@@ -102,7 +102,9 @@ class RewardWorker:
         self.previous_groups = [g for g in self.groups if g is not None]
         rule = PAIR_RULES[self.algorithm.pair_rule]
         for i in sorted(set(touched)):
-            self.groups[i] = rule(i, self.train["prompt_ids"][i], self.pools[i], k=self.n_samples, sft_ids=self.train["sft_ids"][i])
+            self.groups[i] = rule(
+                i, self.train["prompt_ids"][i], self.pools[i], k=self.n_samples, sft_ids=self.train["sft_ids"][i]
+            )
         distinct = _distinct_fraction(rollouts)
         return {
             "rewards": rewards,

@@ -22,7 +22,9 @@ def best_worst(prompt_index: int, prompt_ids: list[int], pool: list[Rollout], **
     best, worst = ranked[0], ranked[-1]
     if best.reward == worst.reward:
         return None
-    return PreferenceGroup(prompt_index, prompt_ids, [best.response_ids, worst.response_ids], [best.reward, worst.reward])
+    return PreferenceGroup(
+        prompt_index, prompt_ids, [best.response_ids, worst.response_ids], [best.reward, worst.reward]
+    )
 
 
 def ranked_list(

@@ -38,6 +38,12 @@ def make_cfg(tmp_path, *overrides: str, config: str | None = "configs/demo-cpu.y
 
 
 @pytest.fixture(scope="session")
+def tiny_cfg():
+    """`tiny_cfg(out_dir, *overrides, config=...)`: a validated test-sized config."""
+    return make_cfg
+
+
+@pytest.fixture(scope="session")
 def model_path() -> str:
     from pipeline.tiny_model import tiny_model_path
 
@@ -48,8 +54,12 @@ def model_path() -> str:
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1 << 30,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=1 << 30,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}},
+    )
     yield
     ray.shutdown()
 

@@ -10,9 +10,21 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REQUIRED = [
-    "iteration", "reward_mean", "reward_std", "eval_reward_mean", "win_rate_vs_initial", "pairs",
-    "pairs_dropped_ties", "generated_tokens", "loss", "pair_accuracy", "time_generate_s", "time_score_s",
-    "time_train_s", "time_sync_s", "time_total_s",
+    "iteration",
+    "reward_mean",
+    "reward_std",
+    "eval_reward_mean",
+    "win_rate_vs_initial",
+    "pairs",
+    "pairs_dropped_ties",
+    "generated_tokens",
+    "loss",
+    "pair_accuracy",
+    "time_generate_s",
+    "time_score_s",
+    "time_train_s",
+    "time_sync_s",
+    "time_total_s",
 ]
 
 

@@ -135,7 +135,7 @@ class TrainerWorker:
         if not shard:
             return {"steps": 0, "trained_pairs": 0}
         k = len(shard[0].responses)
-        ref_logps = sft_logps = None
+        ref_logps = None
         if self.algorithm.needs_reference:
             ref_weights = self.initial if self.initial is not None else self.weights
             ref_model = self._model(ref_weights).eval()
@@ -147,7 +147,8 @@ class TrainerWorker:
             model.gradient_checkpointing_enable()
         model.train()
         engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=ds_config(self.train_cfg, self.world),
         )
         order = list(range(len(shard)))
@@ -247,7 +248,9 @@ class TrainerWorker:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
-            os.path.join(path, "policy"), dtype=torch.float32, use_safetensors=True,
+            os.path.join(path, "policy"),
+            dtype=torch.float32,
+            use_safetensors=True,
             trust_remote_code=self.trust_remote_code,
         )
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+
+def test_demo_config_loads_with_overrides():
+    cfg = load_config(
+        "configs/demo-cpu.yaml", ["iterations=7", "algorithm.beta=0.2", "selection.mode=random", "selection.rho=0.5"]
+    )
+    assert cfg.iterations == 7 and cfg.algorithm.beta == 0.2 and cfg.selection.rho == 0.5
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_validates(path):
+    load_config(path)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["algoritm.name=dpo"], "unknown config key 'algoritm'. did you mean 'algorithm'?"),
+        (["algorithm.bta=0.1"], "did you mean 'algorithm.beta'?"),
+        (["selection.rho=1.5", "selection.mode=lowest_reward"], "selection.rho"),
+        (["selection.rho=0", "selection.mode=lowest_reward"], "selection.rho"),
+        (["algorithm.beta=0"], "algorithm.beta"),
+        (["algorithm.beta=-1"], "algorithm.beta"),
+        (["algorithm.name=ppo"], "algorithm.name"),
+        (["train.zero_stage=1"], "train.zero_stage"),
+        (["iterations=many"], "iterations"),
+        (["rollout.n_samples=1"], "needs at least 2 samples"),
+        (["selection.rho=0.5"], "has no effect with selection.mode=all"),
+        (["reward.kind=model"], "reward.model_path"),
+        (["reward.kind=remote"], "reward.url"),
+        (["rollout.max_model_len=32"], "rollout.max_model_len"),
+        (["noequals"], "key=value"),
+    ],
+)
+def test_bad_config_gives_one_clear_message(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/demo-cpu.yaml", overrides)
+    assert message in str(e.value)
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("iterations: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("output_dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(latin)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)

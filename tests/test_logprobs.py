@@ -1,0 +1,50 @@
+"""Summed response log-probs against a plain HF forward pass, one sequence at a time, no padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.logprobs import batched_sequence_logprobs, pack, sequence_logprobs
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(model_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(
+        model_path
+    )
+
+
+def reference_logprob(model, prompt, response) -> float:
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    return sum(float(logp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(response))
+
+
+def test_matches_unpadded_forward_and_ignores_prompt_and_padding(model_and_tok):
+    model, tok = model_and_tok
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": f"reverse: {w}"}], add_generation_prompt=True)
+        for w in ["ab", "hello", "xyzzyq"]
+    ]
+    prompts = [list(p["input_ids"]) for p in prompts]
+    responses = [tok("ba", add_special_tokens=False)["input_ids"] + [tok.eos_token_id], [], [5, 6, 7, 8, 9, 10, 11]]
+    with torch.no_grad():
+        lp, lens = sequence_logprobs(model, prompts, responses, tok.pad_token_id)
+    expect = [reference_logprob(model, p, r) for p, r in zip(prompts, responses, strict=True)]
+    assert lp.tolist() == pytest.approx(expect, abs=1e-4)
+    assert lens.tolist() == [len(r) for r in responses]
+    assert lp[1] == 0.0  # empty response
+    blp, blens = batched_sequence_logprobs(model, prompts, responses, tok.pad_token_id, batch_size=2)
+    assert blp.tolist() == pytest.approx(expect, abs=1e-4) and blens.tolist() == lens.tolist()
+
+
+def test_pack_marks_only_response_targets():
+    ids, attn, target = pack([[1, 2, 3], [4]], [[7, 8], [9, 9, 9]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3, 7, 8], [4, 9, 9, 9, 0]]
+    assert attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    # target[i, t] says whether ids[i, t + 1] is a response token
+    assert target.tolist() == [[False, False, True, True], [True, True, True, False]]
