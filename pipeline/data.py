@@ -37,11 +37,13 @@ def render(rows: list[dict], tokenizer, cfg: DataConfig, where: str) -> PromptSe
         if not text or not text.strip():
             counts["empty_prompts"] += 1
             continue
-        if text in seen and cfg.duplicate_prompts == "drop":
+        key = repr(row.get("messages") or text)
+        if key in seen and cfg.duplicate_prompts == "drop":
             counts["duplicate_prompts"] += 1
             continue
-        seen.add(text)
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        seen.add(key)
+        messages = row.get("messages") or [{"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
         if len(ids) > cfg.max_prompt_length:
             if cfg.long_prompts == "skip":

@@ -62,6 +62,10 @@ def prepare(cfg: RunConfig) -> Prepared:
             f"output_dir '{rundir.root}' already holds a run (metrics.jsonl); rerun with --resume to continue it, "
             "or choose a new output_dir"
         )
+    if cfg.reward.kind == "function":
+        from rewards.scorers import load_function
+
+        load_function(cfg.reward.function)  # a typo in module:function fails here, not in an actor
     model_path = resolve_model(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     train, eval_set = load_prompt_sets(cfg.data, tokenizer, cfg.seed)
@@ -100,7 +104,7 @@ def start_workers(cfg: RunConfig, model_path: str) -> Workers:
     }
     if t.num_gpus == 0:
         trainer_env["DS_ACCELERATOR"] = "cpu"
-    trainers = TrainerGroup(t.num_workers, t.num_cpus, t.num_gpus, trainer_env)
+    trainers = TrainerGroup(t.num_workers, t.num_cpus, t.num_gpus, trainer_env, cfg.call_timeout_s)
     ray.get([e.ready.remote() for e in engines], timeout=cfg.call_timeout_s)
     return Workers(engines, trainers)
 

@@ -8,7 +8,9 @@ in order. `check_scores` enforces that with a message naming the reward and the 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
+import os
 from collections.abc import Callable
 
 from pipeline.config import RewardConfig
@@ -21,11 +23,19 @@ class RewardError(RuntimeError):
 
 
 def load_function(spec: str) -> ScoreFn:
+    """`package.module:function`, or `path/to/file.py:function` for a function in a local file."""
     if ":" not in spec:
-        raise RewardError(f"reward.function '{spec}' must look like 'package.module:function'")
-    module_name, fn_name = spec.split(":", 1)
+        raise RewardError(f"reward.function '{spec}' must look like 'package.module:function' or 'file.py:function'")
+    module_name, fn_name = spec.rsplit(":", 1)
     try:
-        module = importlib.import_module(module_name)
+        if module_name.endswith(".py"):
+            file_spec = importlib.util.spec_from_file_location(f"onalign_reward_{abs(hash(module_name))}", module_name)
+            if file_spec is None or not os.path.isfile(module_name):
+                raise ImportError(f"no file {module_name}")
+            module = importlib.util.module_from_spec(file_spec)
+            file_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
     except ImportError as e:
         raise RewardError(f"reward.function '{spec}': cannot import module '{module_name}' ({e})") from None
     fn = getattr(module, fn_name, None)

@@ -17,7 +17,9 @@ def free_port() -> int:
 class TrainerGroup:
     """`world` TrainerWorker actors wired as ranks 0..world-1 of one torch.distributed group."""
 
-    def __init__(self, world: int, num_cpus: float, num_gpus: float, env: dict[str, str]) -> None:
+    def __init__(
+        self, world: int, num_cpus: float, num_gpus: float, env: dict[str, str], timeout_s: float = 1800
+    ) -> None:
         from workers.trainer import TrainerWorker
 
         master_addr = ray.util.get_node_ip_address()
@@ -26,7 +28,7 @@ class TrainerGroup:
             num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env}, max_concurrency=1
         )
         self.world = world
-        self.actors = [cls.remote(rank, world, master_addr, port) for rank in range(world)]
+        self.actors = [cls.remote(rank, world, master_addr, port, timeout_s) for rank in range(world)]
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         """Call `method` on every rank (collectives need all of them); returns one ref per rank."""

@@ -58,7 +58,7 @@ def ds_config(train: TrainConfig, world: int) -> dict:
 
 
 class TrainerWorker:
-    def __init__(self, rank: int, world: int, master_addr: str, master_port: int) -> None:
+    def __init__(self, rank: int, world: int, master_addr: str, master_port: int, timeout_s: float = 1800) -> None:
         os.environ.update(
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
@@ -70,9 +70,12 @@ class TrainerWorker:
         if not self.cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             torch.set_num_threads(1)
+        from datetime import timedelta
+
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
+        # A dead peer must not hang a collective forever: it times out and the driver reports it.
+        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", timeout=timedelta(seconds=timeout_s))
         self.rank, self.world = rank, world
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
 

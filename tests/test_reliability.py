@@ -1,0 +1,233 @@
+"""Checkpoints, exact resume, actor faults and bad inputs: one clear message each, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.checkpoint import ResumeError
+from pipeline.driver import prepare, run_with_workers
+from pipeline.loop import PipelineError
+from pipeline.rundir import RunDirError
+
+FAULTY = """
+import math
+def boom(prompts, responses, references):
+    raise RuntimeError("reward server unreachable")
+def nan(prompts, responses, references):
+    return [float("nan") if i == 3 else 0.5 for i in range(len(responses))]
+def inf(prompts, responses, references):
+    return [math.inf] * len(responses)
+def short(prompts, responses, references):
+    return [0.0]
+def tied(prompts, responses, references):
+    return [1.0] * len(responses)
+"""
+
+COMPARED = [
+    "eval_reward_mean",
+    "reward_mean",
+    "loss",
+    "pair_accuracy",
+    "pairs",
+    "generated_tokens",
+    "win_rate_vs_initial",
+]
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("rewards") / "faulty.py"
+    path.write_text(FAULTY)
+    return str(path)
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+# ---------------------------------------------------------------- inputs rejected before any actor
+
+
+def test_missing_model_path(tiny_cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.path '/nonexistent/model' does not exist"):
+        prepare(tiny_cfg(tmp_path, "model.path=/nonexistent/model"))
+
+
+def test_model_without_safetensors(tiny_cfg, tmp_path):
+    d = tmp_path / "pickle_model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="no .safetensors weights"):
+        prepare(tiny_cfg(tmp_path / "out", f"model.path={d}"))
+
+
+def test_unwritable_output_dir(tiny_cfg, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(RunDirError, match="is not writable"):
+        prepare(tiny_cfg(blocker / "run"))
+
+
+def test_reward_function_that_does_not_exist(tiny_cfg, tmp_path):
+    from rewards.scorers import RewardError
+
+    with pytest.raises(RewardError, match="has no function 'nope'"):
+        prepare(tiny_cfg(tmp_path, "reward.function=rewards.functions:nope"))
+    with pytest.raises(RewardError, match="cannot import module"):
+        prepare(tiny_cfg(tmp_path, "reward.function=no_such_module:f"))
+
+
+def test_cli_prints_one_line_without_traceback(tmp_path):
+    onalign = Path(sys.executable).parent / "onalign"
+    res = subprocess.run(
+        [str(onalign), "run", "configs/demo-cpu.yaml", "algoritm.name=dpo", f"output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2
+    assert "did you mean 'algorithm'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_dry_run_prints_plan(tmp_path):
+    from pipeline.cli import main
+
+    assert main(["run", "configs/demo-cpu.yaml", "--dry-run"]) == 0
+
+
+# ---------------------------------------------------------------- faults during a run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fn,message",
+    [
+        ("boom", "raised RuntimeError: reward server unreachable"),
+        ("nan", "returned nan for sample 3"),
+        ("inf", "returned inf for sample 0"),
+        ("short", "returned 1 scores for"),
+    ],
+)
+def test_bad_reward_stops_clearly_and_keeps_completed_iterations(run_tiny, tmp_path, faulty, fn, message):
+    run_tiny("iterations=1", out=tmp_path)
+    before = lines(tmp_path / "metrics.jsonl")
+    with pytest.raises(PipelineError) as e:
+        run_tiny("iterations=2", "resume=true", f"reward.function={faulty}:{fn}", out=tmp_path)
+    assert message in str(e.value)
+    assert lines(tmp_path / "metrics.jsonl") == before  # completed iterations intact
+    assert (tmp_path / "checkpoints" / "iter_1" / "state.json").is_file()
+
+
+@pytest.mark.slow
+def test_all_tied_rewards_skip_training_and_continue(run_tiny, tmp_path, faulty):
+    rows, _ = run_tiny("iterations=2", f"reward.function={faulty}:tied")
+    for r in rows[1:]:
+        assert r["pairs"] == 0 and r["pairs_dropped_ties"] == 48 and r["training_skipped"] is True
+        assert r["train_steps"] == 0
+
+
+@pytest.mark.slow
+def test_existing_run_needs_resume_and_incompatible_checkpoint_is_refused(run_tiny, tmp_path, tiny_cfg):
+    run_tiny("iterations=1", out=tmp_path)
+    with pytest.raises(RunDirError, match="already holds a run"):
+        prepare(tiny_cfg(tmp_path, "iterations=2"))
+    with pytest.raises(ResumeError, match="different run .*train_prompts: checkpoint 48 vs config 40"):
+        run_tiny("iterations=2", "resume=true", "data.num_train_prompts=40", out=tmp_path)
+    assert len(lines(tmp_path / "metrics.jsonl")) == 2
+
+
+@pytest.mark.slow
+def test_resume_after_driver_stop_matches_uninterrupted(run_tiny, tmp_path, monkeypatch):
+    """Stop the driver after iteration 2 of 4 (fault injected after its checkpoint), resume, compare."""
+
+    full, _ = run_tiny("iterations=4", out=tmp_path / "full")
+    import pipeline.checkpoint as ckpt
+
+    original = ckpt.save_checkpoint
+
+    def save_then_die(loop, it):
+        original(loop, it)
+        if it == 2:
+            raise KeyboardInterrupt("driver killed after iteration 2")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_tiny("iterations=4", out=tmp_path / "cut")
+    monkeypatch.setattr(ckpt, "save_checkpoint", original)
+    assert [json.loads(x)["iteration"] for x in lines(tmp_path / "cut" / "metrics.jsonl")] == [0, 1, 2]
+    resumed, _ = run_tiny("iterations=4", "resume=true", out=tmp_path / "cut")
+    assert [r["iteration"] for r in resumed] == [0, 1, 2, 3, 4]
+    for a, b in zip(resumed, full, strict=True):
+        for key in COMPARED:
+            if b.get(key) is None:
+                assert a.get(key) is None
+            else:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["iteration"], key)
+
+
+@pytest.mark.slow
+def test_interrupted_checkpoint_write_keeps_previous(run_tiny, tmp_path, monkeypatch):
+    import pipeline.rundir as rundir_mod
+
+    run_tiny("iterations=1", out=tmp_path)
+    real_commit = rundir_mod.RunDir.commit_checkpoint
+
+    def torn(self, tmp, iteration, state, keep):
+        (tmp / "state.json").write_text('{"format": 1, "iter')  # half-written, never renamed
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rundir_mod.RunDir, "commit_checkpoint", torn)
+    with pytest.raises(OSError, match="disk full"):
+        run_tiny("iterations=2", "resume=true", out=tmp_path)
+    monkeypatch.setattr(rundir_mod.RunDir, "commit_checkpoint", real_commit)
+    assert rundir_mod.RunDir(tmp_path).complete_checkpoints() == [1]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "iter_1" / "policy")  # still loads
+    rows, _ = run_tiny("iterations=2", "resume=true", out=tmp_path)
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_killed_trainer_gives_clear_stop_then_resume_works(workers, tiny_cfg, tmp_path, monkeypatch):
+    """A real ray.kill of one DeepSpeed rank mid-iteration; a fresh trainer group then resumes."""
+    import ray
+
+    from pipeline.loop import Workers
+    from workers.actor_group import TrainerGroup
+
+    def fresh_group():
+        return TrainerGroup(2, 0, 0, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, timeout_s=60)
+
+    group = fresh_group()
+    original_call = TrainerGroup.call
+
+    def call_and_kill(self, method, *args, **kwargs):
+        if method == "train" and args[1] == 2:  # iteration 2, after generation and scoring
+            ray.kill(self.actors[1], no_restart=True)
+        return original_call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(TrainerGroup, "call", call_and_kill)
+    cfg = tiny_cfg(tmp_path, "iterations=3", "call_timeout_s=120")
+    with pytest.raises(PipelineError) as e:
+        run_with_workers(prepare(cfg), Workers(workers.rollouts, group))
+    assert "actor died during training" in str(e.value) and "--resume" in str(e.value)
+    monkeypatch.setattr(TrainerGroup, "call", original_call)
+    group.kill()
+    assert [json.loads(x)["iteration"] for x in lines(tmp_path / "metrics.jsonl")] == [0, 1]
+    group2 = fresh_group()
+    try:
+        rows = run_with_workers(
+            prepare(tiny_cfg(tmp_path, "iterations=3", "resume=true")), Workers(workers.rollouts, group2)
+        )
+    finally:
+        group2.kill()
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert os.path.isdir(tmp_path / "checkpoints" / "iter_3")
