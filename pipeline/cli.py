@@ -36,8 +36,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stop_on_sigterm() -> None:
+    """`ray job stop` sends SIGTERM: unwind normally so actors are released and files are closed."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "run":
+        _stop_on_sigterm()
     try:
         return _dispatch(args)
     except Exception as e:  # user mistakes get one line, no traceback

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 BUILTIN_MODEL = "builtin:tiny"
 BUILTIN_TASK = "builtin:reverse"
+BUILTIN_REWARD_MODEL = "builtin:tiny-rm"
 
 
 class ConfigError(ValueError):
@@ -76,7 +77,9 @@ class RewardConfig(_Section):
     kind: Literal["function", "model", "remote"] = "function"
     # `module:function` for kind=function.
     function: str = "rewards.functions:reverse_reward"
+    # An HF sequence-classification model dir/hub name, or `builtin:tiny-rm` (built offline for tests).
     model_path: str | None = None
+    trust_remote_code: bool = False
     url: str | None = None
     timeout_s: float = Field(30.0, gt=0)
     retries: int = Field(2, ge=0)

@@ -66,6 +66,12 @@ def prepare(cfg: RunConfig) -> Prepared:
         from rewards.scorers import load_function
 
         load_function(cfg.reward.function)  # a typo in module:function fails here, not in an actor
+    if cfg.reward.kind == "model":
+        from rewards.model import resolve_reward_model
+
+        rm = resolve_reward_model(cfg.reward.model_path or "")  # builds the tiny RM once, before any actor
+        if Path(rm).is_absolute() and not (Path(rm) / "config.json").is_file():
+            raise FileNotFoundError(f"reward.model_path '{rm}' is not an HF model directory (no config.json)")
     model_path = resolve_model(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     train, eval_set = load_prompt_sets(cfg.data, tokenizer, cfg.seed)
@@ -79,7 +85,8 @@ def init_ray(cfg: RunConfig) -> None:
         return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        # Under `ray job submit` the job's runtime env (working dir, env vars) applies: do not replace it.
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         ray.init(
             num_cpus=cfg.ray_num_cpus or os.cpu_count(),

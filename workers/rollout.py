@@ -37,9 +37,14 @@ class RolloutWorker:
 
         kwargs: dict = {}
         if not torch.cuda.is_available():
+            from workers import cpu_transfer
+
+            cpu_transfer.register()
             kwargs["kv_cache_memory_bytes"] = int(rollout_cfg["kv_cache_mb"]) * 2**20
+            kwargs["weight_transfer_config"] = {"backend": cpu_transfer.BACKEND}
         else:
             kwargs["gpu_memory_utilization"] = rollout_cfg["gpu_memory_utilization"]
+            kwargs["weight_transfer_config"] = {"backend": "nccl"}
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -50,6 +55,8 @@ class RolloutWorker:
             enable_prefix_caching=True,
             **kwargs,
         )
+        if not torch.cuda.is_available():
+            self.llm.init_weight_transfer_engine({"init_info": {}})
 
     def generate(
         self,
@@ -113,12 +120,16 @@ class RolloutWorker:
             totals.append(total)
         return totals
 
-    def load_weights(self, named_tensors: dict) -> int:
-        """CPU sync path: HF-named tensors into the live engine via the worker's reload_weights."""
-        items = list(named_tensors.items())
-        self.llm.collective_rpc(lambda worker: worker.reload_weights(weights_iterator=iter(items)))
-        self.llm.reset_prefix_cache()
-        return len(items)
+    def load_weights(self, named_tensors: dict, bucket_mb: int = 256) -> int:
+        """CPU sync path: HF-named tensors, bucketed, through vLLM's weight-transfer lifecycle."""
+        from workers.cpu_transfer import buckets
+
+        self.llm.start_weight_update()
+        for names, tensors in buckets(named_tensors, bucket_mb * 2**20):
+            self.llm.update_weights({"update_info": {"names": names, "tensors": tensors}})
+        self.llm.finish_weight_update()
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        return len(named_tensors)
 
     def ready(self) -> bool:
         return True

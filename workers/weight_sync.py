@@ -1,7 +1,8 @@
 """Weight sync from the trainers into every live vLLM engine.
 
-CPU backend: rank 0's full HF-named state dict goes through Ray's object store (one `ray.put`, read
-zero-copy by every engine on the node) into each engine's `reload_weights`.
+CPU backend (`workers.cpu_transfer`, registered into vLLM's weight-transfer factory): rank 0's full
+HF-named state dict goes through Ray's object store (read zero-copy by every engine on the node) and is
+loaded bucket by bucket with vLLM's start/update/finish weight-update lifecycle.
 """
 
 from __future__ import annotations
@@ -21,4 +22,4 @@ def resolve_backend(cfg: SyncConfig, engines_have_gpus: bool) -> str:
 def sync_weights(trainers: TrainerGroup, engines: list, cfg: SyncConfig) -> list[ray.ObjectRef]:
     """Start the sync; returns refs that resolve when every engine holds the new weights."""
     weights_ref = trainers.call_rank0("get_weights")
-    return [e.load_weights.remote(weights_ref) for e in engines]
+    return [e.load_weights.remote(weights_ref, cfg.bucket_mb) for e in engines]

@@ -1,0 +1,64 @@
+"""`reward.kind: model`: any HF sequence-classification reward model.
+
+The conversation (user prompt, assistant response) goes through the reward model's *own* chat template,
+is scored in batches sorted by length (little padding), and the scores come back in input order. fp32
+on CPU, bf16 on GPU. Weights load from safetensors only; remote code only when the config allows it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import RewardConfig
+
+
+class ModelScorer:
+    def __init__(self, cfg: RewardConfig) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = resolve_reward_model(cfg.model_path or "")
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
+        self.batch_size = cfg.batch_size
+
+    def render(self, prompt: str, response: str) -> list[int]:
+        """Token ids of the conversation through the reward model's own chat template."""
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        ids = self.tokenizer.apply_chat_template(messages, tokenize=True)
+        return list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], responses: list[str], references: list[str | None]) -> list[float]:
+        seqs = [self.render(p, r) for p, r in zip(prompts, responses, strict=True)]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        scores = [0.0] * len(seqs)
+        pad = self.model.config.pad_token_id
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            width = max(len(seqs[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            attn = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+                attn[row, : len(seqs[i])] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
+            for row, i in enumerate(idx):
+                scores[i] = float(logits[row, 0].float())
+        return scores
+
+
+def resolve_reward_model(path: str) -> str:
+    from pipeline.config import BUILTIN_REWARD_MODEL
+
+    if path == BUILTIN_REWARD_MODEL:
+        from rewards.tiny_reward_model import tiny_reward_model_path
+
+        return str(tiny_reward_model_path())
+    return path

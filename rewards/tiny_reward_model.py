@@ -1,0 +1,124 @@
+"""A tiny learned reward model for tests and the demo's `model` variant, built offline.
+
+A sequence-classification head on the tiny policy's backbone, trained with the Bradley-Terry loss
+-log sigmoid(s(x, y+) - s(x, y-)) on preferences generated from the built-in task: the right reversal
+beats a wrong one (a letter not in the word, a dropped letter, or an extra letter).
+Saved, with the policy's tokenizer and chat template, under the same cache as the tiny policy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+from pipeline.builtin_task import make_examples
+
+RM_VERSION = 3
+
+
+def wrong_answer(word: str, rng: random.Random) -> str:
+    """A wrong answer of a kind a small model can learn to spot: a letter that is not in the word, a
+    dropped letter, or an extra letter."""
+    chars = list(word[::-1])
+    absent = [c for c in string.ascii_lowercase if c not in word]
+    kind = rng.randrange(3)
+    if kind == 0:
+        chars[rng.randrange(len(chars))] = rng.choice(absent)
+    elif kind == 1:
+        del chars[rng.randrange(len(chars))]
+    else:
+        chars.insert(rng.randrange(len(chars) + 1), rng.choice(absent))
+    return "".join(chars)
+
+
+def preference_pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) with chosen the exact reversal."""
+    rows, _ = make_examples(n, 0, seed=seed)
+    rng = random.Random(seed)
+    return [(r["prompt"], r["response"], wrong_answer(r["prompt"].split()[-1], rng)) for r in rows]
+
+
+def _encode(tokenizer, prompt: str, response: str) -> list[int]:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=True
+    )
+    return list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+
+
+def _scores(model, tokenizer, texts: list[tuple[str, str]]):
+    import torch
+
+    seqs = [_encode(tokenizer, p, r) for p, r in texts]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+    return model(input_ids=ids, attention_mask=attn).logits[:, 0]
+
+
+def pair_accuracy(model, tokenizer, pairs: list[tuple[str, str, str]]) -> float:
+    import torch
+
+    with torch.no_grad():
+        good = _scores(model, tokenizer, [(p, c) for p, c, _ in pairs])
+        bad = _scores(model, tokenizer, [(p, r) for p, _, r in pairs])
+    return float((good > bad).float().mean())
+
+
+def build_tiny_reward_model(out_dir: Path, policy_dir: Path, steps: int = 1500, seed: int = 0) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    train = preference_pairs(32768, seed=seed + 500)  # many distinct words: no memorising
+    held_out = preference_pairs(256, seed=seed + 900)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    rng = random.Random(seed)
+    model.train()
+    for _ in range(steps):
+        batch = rng.sample(train, 32)
+        good = _scores(model, tokenizer, [(p, c) for p, c, _ in batch])
+        bad = _scores(model, tokenizer, [(p, r) for p, _, r in batch])
+        loss = -F.logsigmoid(good - bad).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    acc = pair_accuracy(model, tokenizer, held_out)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    info = {"held_out_pair_accuracy": acc, "steps": steps, "final_loss": float(loss.detach())}
+    (out_dir / "onalign_build.json").write_text(json.dumps(info))
+    return info
+
+
+def tiny_reward_model_path() -> Path:
+    """The cached tiny reward model next to the tiny policy, built on first use (atomic rename)."""
+    from pipeline.tiny_model import tiny_model_path
+
+    policy = tiny_model_path()
+    final = policy.parent / f"{policy.name}-rm-v{RM_VERSION}"
+    if (final / "onalign_build.json").is_file():
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=".build-rm-", dir=final.parent))
+    try:
+        build_tiny_reward_model(tmp, policy)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "onalign_build.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,123 @@
+"""The user's real path: `ray start --head`, `ray job submit --working-dir .`, `ray job stop`, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    bindir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", RAY_AUTH_MODE="token", HF_HUB_OFFLINE="1")
+    env.pop("RAY_ADDRESS", None)
+    dash = free_port()
+    temp = tmp_path_factory.mktemp("rayhead")
+    start = [
+        str(bindir / "ray"),
+        "start",
+        "--head",
+        "--num-cpus",
+        "2",
+        "--port",
+        str(free_port()),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--disable-usage-stats",
+        "--temp-dir",
+        str(temp),
+        "--include-dashboard",
+        "true",
+    ]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    env["RAY_ADDRESS"] = f"http://127.0.0.1:{dash}"
+    yield env
+    subprocess.run([str(bindir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def ray_job(env, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["ray", "job", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def submit(env, out: Path, iterations: int) -> str:
+    res = ray_job(
+        env,
+        "submit",
+        "--no-wait",
+        "--working-dir",
+        ".",
+        "--",
+        "onalign",
+        "run",
+        "configs/demo-cpu.yaml",
+        f"iterations={iterations}",
+        f"output_dir={out}",
+        "data.num_train_prompts=48",
+        "data.num_eval_prompts=16",
+        "train.epochs=1",
+        "--quiet",
+    )
+    assert res.returncode == 0, res.stderr
+    return re.search(r"raysubmit_[A-Za-z0-9]+", res.stdout + res.stderr).group(0)
+
+
+def status(env, job_id: str) -> str:
+    """The job's state word, lower case: pending, running, succeeded, failed or stopped."""
+    res = ray_job(env, "status", job_id)
+    text = res.stdout + res.stderr
+    found = re.search(r"Status for job '[^']+': (\w+)", text) or re.search(r"Job '[^']+' (?:was )?(\w+)", text)
+    return found.group(1).lower() if found else text
+
+
+def test_submit_run_to_success_then_stop_mid_run(head, tmp_path):
+    out = tmp_path / "job1"
+    job = submit(head, out, 2)
+    deadline = time.time() + 600
+    while (s := status(head, job)) in ("pending", "running") and time.time() < deadline:
+        time.sleep(5)
+    logs = ray_job(head, "logs", job)
+    assert s == "succeeded", (logs.stdout + logs.stderr)[-4000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    assert "done: 2 iterations" in ray_job(head, "logs", job).stdout
+
+    out2 = tmp_path / "job2"
+    job2 = submit(head, out2, 50)
+    deadline = time.time() + 600
+    while not (out2 / "checkpoints" / "iter_1" / "state.json").is_file() and time.time() < deadline:
+        time.sleep(2)
+    assert ray_job(head, "stop", job2, timeout=180).returncode == 0
+    assert status(head, job2) == "stopped"
+    from pipeline.rundir import RunDir
+
+    rd = RunDir(out2)
+    done = rd.complete_checkpoints()
+    assert done, "a completed iteration must leave a checkpoint"
+    iterations = [r["iteration"] for r in rd.read_metrics()]
+    assert iterations == list(range(len(iterations))) and max(iterations) >= done[-1]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(rd.checkpoint_path(done[-1]) / "policy")
+    assert not any(p.name.startswith("iter_") and not (p / "state.json").exists() for p in rd.checkpoints.iterdir())
+    shutil.rmtree(out2, ignore_errors=True)

@@ -1,0 +1,125 @@
+"""Reward models as real components: the tiny learned RM through the Ray reward actor, the remote kind
+against a local HTTP server, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+
+from pipeline.records import Rollout
+from rewards.functions import reverse_reward
+from rewards.scorers import RewardError
+
+
+@pytest.fixture(scope="module")
+def rm_path() -> str:
+    from rewards.tiny_reward_model import tiny_reward_model_path
+
+    return str(tiny_reward_model_path())
+
+
+def direct_score(path, prompt, response) -> float:
+    """One conversation, no padding, the RM's own chat template, a plain HF forward pass."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+    )
+    assert text.startswith("<|im_start|>user\n" + prompt) and text.endswith(response + "<|im_end|>\n")
+    with torch.no_grad():
+        return float(model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0])
+
+
+def test_held_out_pair_accuracy(rm_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rewards.tiny_reward_model import pair_accuracy, preference_pairs
+
+    model = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=torch.float32).eval()
+    acc = pair_accuracy(model, AutoTokenizer.from_pretrained(rm_path), preference_pairs(256, seed=4242))
+    assert acc > 0.8
+
+
+@pytest.mark.slow
+def test_rm_through_ray_actor_matches_direct_forward_in_order(ray_cluster, rm_path):
+    import ray
+
+    from rewards.actor import RewardWorker
+
+    prompts = ["reverse: abc", "reverse: hello", "reverse: xy", "reverse: qwerty", "reverse: mnop"]
+    responses = ["cba", "olleh and a much longer tail to sort", "", "ytrewq", "ponm"]
+    data = {"texts": prompts, "references": [None] * 5, "prompt_ids": [[1]] * 5, "sft_ids": [None] * 5}
+    actor = ray.remote(RewardWorker).remote({"kind": "model", "model_path": rm_path, "batch_size": 2})
+    ray.get(actor.reset.remote(data, data, {"name": "dpo"}, {"mode": "all"}, 2, 0))
+    rollouts = [Rollout(i, [], r, "stop") for i, r in enumerate(responses)]
+    scores = ray.get(actor.score_rollouts.remote(rollouts, "train"))
+    expect = [direct_score(rm_path, p, r) for p, r in zip(prompts, responses, strict=True)]
+    assert scores == pytest.approx(expect, abs=1e-4)  # same values, same order despite length sorting
+    ray.kill(actor)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fail_first = 0
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if _Handler.fail_first > 0:
+            _Handler.fail_first -= 1
+            self.send_response(503)
+            self.end_headers()
+            return
+        scores = reverse_reward(body["prompts"], body["responses"], body["references"])
+        data = json.dumps({"scores": scores}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = HTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/score"
+    srv.shutdown()
+
+
+def test_remote_kind_against_local_server_with_retry(server):
+    from pipeline.config import RewardConfig
+    from rewards.scorers import make_scorer, score
+
+    _Handler.fail_first = 1  # the first try fails: the retry must recover
+    name, fn = make_scorer(RewardConfig(kind="remote", url=server, retries=2, batch_size=2))
+    prompts = ["reverse: abc", "reverse: hello", "reverse: xyz"]
+    got = score(name, fn, prompts, ["cba", "oleh", "q"], [None, None, None])
+    assert got == reverse_reward(prompts, ["cba", "oleh", "q"], [None] * 3)
+
+
+def test_remote_kind_gives_clear_error_when_down():
+    from pipeline.config import RewardConfig
+    from rewards.scorers import make_scorer, score
+
+    name, fn = make_scorer(RewardConfig(kind="remote", url="http://127.0.0.1:9/score", retries=1, timeout_s=2))
+    with pytest.raises(RewardError, match="failed after 2 tries.*check that the server is up"):
+        score(name, fn, ["p"], ["r"], [None])
+
+
+def test_missing_eos_penalty_applies_only_to_truncated():
+    from rewards.actor import RewardWorker
+
+    w = RewardWorker({"kind": "function", "missing_eos_penalty": -1.0})
+    data = {"texts": ["reverse: abc"] * 2, "references": ["cba"] * 2, "prompt_ids": [[1]] * 2, "sft_ids": [None] * 2}
+    w.reset(data, data, {"name": "dpo"}, {"mode": "all"}, 2, 0)
+    got = w.score_rollouts([Rollout(0, [], "cba", "stop"), Rollout(1, [], "cba", "length")])
+    assert got == [1.0, 0.0]
