@@ -82,9 +82,11 @@ def _dispatch(args) -> int:
         overrides.append("quiet=true")
     cfg = load_config(args.config, overrides)
     if args.dry_run:
-        from pipeline.placement import dry_run
+        from pipeline.driver import init_ray
+        from pipeline.placement import cluster_nodes, dry_run
 
-        print(dry_run(cfg))
+        init_ray(cfg)  # the connected cluster (RAY_ADDRESS) or this machine
+        print(dry_run(cfg, cluster_nodes()))
         return 0
     from pipeline.driver import run
 

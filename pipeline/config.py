@@ -37,7 +37,6 @@ class ModelConfig(_Section):
     sft_steps: int = Field(140, ge=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
 
 
 class DataConfig(_Section):
@@ -135,7 +134,9 @@ class TrainConfig(_Section):
     num_cpus: float = Field(0.5, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
     bf16: bool = False
-    offload_optimizer: bool = False
+    gradient_checkpointing: bool = False
+    offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
+    offload_params: bool = False  # ZeRO-3 parameters in CPU memory
 
 
 class SyncConfig(_Section):
@@ -185,6 +186,8 @@ class RunConfig(_Section):
                 f"selection.rho={self.selection.rho} has no effect with selection.mode=all; "
                 "use selection.mode=lowest_reward (OPTune) or random"
             )
+        if self.train.offload_params and self.train.zero_stage != 3:
+            raise ValueError("train.offload_params needs train.zero_stage=3 (parameter offload is a ZeRO-3 feature)")
         if self.reward.kind == "model" and not self.reward.model_path:
             raise ValueError("reward.model_path: reward.kind=model needs the path of a sequence-classification model")
         if self.reward.kind == "remote" and not self.reward.url:

@@ -99,10 +99,30 @@ def init_ray(cfg: RunConfig) -> None:
 def start_workers(cfg: RunConfig, model_path: str) -> Workers:
     """The heavy actors: vLLM engines and the DeepSpeed ranks."""
     r, t = cfg.rollout, cfg.train
-    engine_cls = ray.remote(_rollout_cls()).options(
-        num_cpus=r.num_cpus, num_gpus=r.num_gpus * r.tensor_parallel_size, runtime_env={"env_vars": ENGINE_ENV}
-    )
-    engines = [engine_cls.remote(model_path, r.model_dump(), cfg.model.dtype, cfg.seed) for _ in range(r.num_engines)]
+    from pipeline.placement import cluster_nodes, fit
+
+    fit(cfg, cluster_nodes())  # refuse a plan that cannot fit instead of waiting forever for resources
+    engines = []
+    for _ in range(r.num_engines):
+        opts: dict = {"runtime_env": {"env_vars": ENGINE_ENV}}
+        if r.num_gpus > 0 and r.tensor_parallel_size > 1:
+            # vLLM's Ray executor places the TP workers inside this group, all on one node.
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            from pipeline.placement import engine_placement
+
+            pg = engine_placement(r.tensor_parallel_size, r.num_gpus, r.num_cpus)
+            ray.get(pg.ready(), timeout=cfg.call_timeout_s)
+            opts.update(
+                num_cpus=0,
+                num_gpus=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True),
+            )
+        else:
+            opts.update(num_cpus=r.num_cpus, num_gpus=r.num_gpus)
+        engines.append(
+            ray.remote(_rollout_cls()).options(**opts).remote(model_path, r.model_dump(), cfg.model.dtype, cfg.seed)
+        )
     trainer_env = {
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",

@@ -17,7 +17,7 @@ from pipeline.records import Rollout
 from pipeline.rundir import RunDir
 from workers.actor_group import TrainerGroup
 from workers.losses import get_algorithm
-from workers.weight_sync import sync_weights
+from workers.weight_sync import init_sync, resolve_backend, sync_weights
 
 
 class PipelineError(RuntimeError):
@@ -54,6 +54,7 @@ class Loop:
         self.rundir, self.reward, self.reporter = rundir, reward_actor, reporter
         self.algorithm = get_algorithm(cfg.algorithm.name)
         self.initial_eval: list[float] = []
+        self.sync_backend = resolve_backend(cfg.sync, cfg.rollout.num_gpus > 0)
 
     # ------------------------------------------------------------ helpers
     def get(self, refs, what: str):
@@ -102,7 +103,8 @@ class Loop:
 
     def sync(self) -> float:
         t = time.perf_counter()
-        self.get(sync_weights(self.workers.trainers, self.workers.rollouts, self.cfg.sync), "weight sync")
+        refs = sync_weights(self.workers.trainers, self.workers.rollouts, self.cfg.sync, self.sync_backend)
+        self.get(refs, "weight sync")
         return time.perf_counter() - t
 
     def evaluate(self, iteration: int) -> dict:
@@ -160,6 +162,11 @@ class Loop:
         from pipeline.checkpoint import restore
 
         first = restore(self) if cfg.resume else 1
+        engine_workers = cfg.rollout.num_engines * cfg.rollout.tensor_parallel_size
+        self.get(
+            init_sync(self.workers.trainers, self.workers.rollouts, self.sync_backend, engine_workers, cfg.model.dtype),
+            "weight-sync set-up",
+        )
         self.sync()
         if first == 1:
             row = {"iteration": 0, **self.evaluate(0)}

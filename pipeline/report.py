@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -49,98 +50,87 @@ def _empty(ax, text: str) -> None:
     ax.set_yticks([])
 
 
+@contextmanager
+def _figure(path: Path, title: str):
+    """One small PNG: yields the axes, then titles, lays out, saves and closes the figure."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    try:
+        yield ax
+        ax.set_title(title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
 def _plots(rows: list[dict], samples: list[dict], plot_dir: Path, algorithm: str) -> None:
     plot_dir.mkdir(parents=True, exist_ok=True)
     its = [r["iteration"] for r in rows]
     train_rows = [r for r in rows if r["iteration"] > 0]
     tits = [r["iteration"] for r in train_rows]
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(its, [_num(r.get("eval_reward_mean")) for r in rows], "o-", label="eval reward (greedy)")
-    ax.plot(its, [_num(r.get("win_rate_vs_initial")) for r in rows], "s--", label="win rate vs initial")
-    ax.set_xlabel("iteration")
-    ax.set_xticks(its)
-    ax.legend(fontsize=8)
-    ax.set_title("Eval reward per iteration", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(plot_dir / "eval_reward.png", dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    dist = [(s["iteration"], s["rollout_rewards"]) for s in samples if s.get("rollout_rewards")]
-    if dist:
-        ax.violinplot([d for _, d in dist], positions=[i for i, _ in dist], showmeans=True)
+    with _figure(plot_dir / "eval_reward.png", "Eval reward per iteration") as ax:
+        ax.plot(its, [_num(r.get("eval_reward_mean")) for r in rows], "o-", label="eval reward (greedy)")
+        ax.plot(its, [_num(r.get("win_rate_vs_initial")) for r in rows], "s--", label="win rate vs initial")
         ax.set_xlabel("iteration")
-        ax.set_ylabel("reward")
-    else:
-        _empty(ax, "no rollouts yet")
-    ax.set_title("Rollout reward distribution", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(plot_dir / "rollout_rewards.png", dpi=100)
-    plt.close(fig)
+        ax.set_xticks(its)
+        ax.legend(fontsize=8)
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    if any(r.get("loss") is not None for r in train_rows):
-        ax.plot(tits, [_num(r.get("loss")) for r in train_rows], "o-", label="loss")
-        ax2 = ax.twinx()
-        ax2.plot(tits, [_num(r.get("pair_accuracy")) for r in train_rows], "s--", color="C1", label="pair accuracy")
-        ax2.set_ylim(0, 1.05)
-        ax.set_xlabel("iteration")
-        ax.legend(loc="upper left", fontsize=8)
-        ax2.legend(loc="upper right", fontsize=8)
-    else:
-        _empty(ax, "no training step yet")
-    ax.set_title("Loss and pair accuracy", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(plot_dir / "loss.png", dpi=100)
-    plt.close(fig)
+    with _figure(plot_dir / "rollout_rewards.png", "Rollout reward distribution") as ax:
+        dist = [(s["iteration"], s["rollout_rewards"]) for s in samples if s.get("rollout_rewards")]
+        if dist:
+            ax.violinplot([d for _, d in dist], positions=[i for i, _ in dist], showmeans=True)
+            ax.set_xlabel("iteration")
+            ax.set_ylabel("reward")
+        else:
+            _empty(ax, "no rollouts yet")
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    weights = [(s["iteration"], s["pair_weights"]) for s in samples if s.get("pair_weights")]
-    if weights:
+    with _figure(plot_dir / "loss.png", "Loss and pair accuracy") as ax:
+        if any(r.get("loss") is not None for r in train_rows):
+            ax.plot(tits, [_num(r.get("loss")) for r in train_rows], "o-", label="loss")
+            ax2 = ax.twinx()
+            ax2.plot(tits, [_num(r.get("pair_accuracy")) for r in train_rows], "s--", color="C1", label="pair accuracy")
+            ax2.set_ylim(0, 1.05)
+            ax.set_xlabel("iteration")
+            ax.legend(loc="upper left", fontsize=8)
+            ax2.legend(loc="upper right", fontsize=8)
+        else:
+            _empty(ax, "no training step yet")
+
+    with _figure(plot_dir / "pair_weights.png", "wDPO pair weights") as ax:
+        weights = [(s["iteration"], s["pair_weights"]) for s in samples if s.get("pair_weights")]
         for it, w in weights:
             ax.hist(w, bins=20, alpha=0.5, label=f"iter {it}")
-        ax.set_xlabel("pair weight g(beta2 * reward gap)")
-        ax.legend(fontsize=8)
-    else:
-        _empty(ax, f"no pair weights: algorithm '{algorithm}' is not wdpo")
-    ax.set_title("wDPO pair weights", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(plot_dir / "pair_weights.png", dpi=100)
-    plt.close(fig)
+        if weights:
+            ax.set_xlabel("pair weight g(beta2 * reward gap)")
+            ax.legend(fontsize=8)
+        else:
+            _empty(ax, f"no pair weights: algorithm '{algorithm}' is not wdpo")
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    if train_rows:
-        gen = [_num(r.get("generated_tokens")) for r in train_rows]
-        saved = [max(_num(r.get("generated_tokens_if_all")) - g, 0.0) for r, g in zip(train_rows, gen, strict=True)]
-        ax.bar(tits, gen, label="generated")
-        ax.bar(tits, saved, bottom=gen, label="saved by selection", color="C2")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("tokens")
-        ax.legend(fontsize=8)
-    else:
-        _empty(ax, "no rollouts yet")
-    ax.set_title("Generated vs saved tokens", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(plot_dir / "tokens.png", dpi=100)
-    plt.close(fig)
+    with _figure(plot_dir / "tokens.png", "Generated vs saved tokens") as ax:
+        if train_rows:
+            gen = [_num(r.get("generated_tokens")) for r in train_rows]
+            saved = [max(_num(r.get("generated_tokens_if_all")) - g, 0.0) for r, g in zip(train_rows, gen, strict=True)]
+            ax.bar(tits, gen, label="generated")
+            ax.bar(tits, saved, bottom=gen, label="saved by selection", color="C2")
+            ax.set_xlabel("iteration")
+            ax.set_ylabel("tokens")
+            ax.legend(fontsize=8)
+        else:
+            _empty(ax, "no rollouts yet")
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    if train_rows:
-        bottom = [0.0] * len(train_rows)
-        for key in TIME_KEYS:
-            vals = [_num(r.get(key)) if r.get(key) is not None else 0.0 for r in train_rows]
-            ax.bar(tits, vals, bottom=bottom, label=key.removeprefix("time_").removesuffix("_s"))
-            bottom = [a + b for a, b in zip(bottom, vals, strict=True)]
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("seconds")
-        ax.legend(fontsize=8)
-    else:
-        _empty(ax, "no iteration yet")
-    ax.set_title("Time breakdown", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(plot_dir / "time.png", dpi=100)
-    plt.close(fig)
+    with _figure(plot_dir / "time.png", "Time breakdown") as ax:
+        if train_rows:
+            bottom = [0.0] * len(train_rows)
+            for key in TIME_KEYS:
+                vals = [_num(r.get(key)) if r.get(key) is not None else 0.0 for r in train_rows]
+                ax.bar(tits, vals, bottom=bottom, label=key.removeprefix("time_").removesuffix("_s"))
+                bottom = [a + b for a, b in zip(bottom, vals, strict=True)]
+            ax.set_xlabel("iteration")
+            ax.set_ylabel("seconds")
+            ax.legend(fontsize=8)
+        else:
+            _empty(ax, "no iteration yet")
 
 
 def _columns(rows: list[dict]) -> list[str]:

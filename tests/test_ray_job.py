@@ -52,7 +52,19 @@ def head(tmp_path_factory):
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     env["RAY_ADDRESS"] = f"http://127.0.0.1:{dash}"
     yield env
-    subprocess.run([str(bindir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    stop_head(str(temp))
+
+
+def stop_head(temp_dir: str) -> None:
+    """Stop only this head (`ray stop` would also kill the test session's own cluster)."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    for p in procs:
+        p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        p.kill()
 
 
 def ray_job(env, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

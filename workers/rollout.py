@@ -45,6 +45,8 @@ class RolloutWorker:
         else:
             kwargs["gpu_memory_utilization"] = rollout_cfg["gpu_memory_utilization"]
             kwargs["weight_transfer_config"] = {"backend": "nccl"}
+            if rollout_cfg["tensor_parallel_size"] > 1:
+                kwargs["distributed_executor_backend"] = "ray"  # TP workers in this actor's placement group
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -120,15 +122,28 @@ class RolloutWorker:
             totals.append(total)
         return totals
 
-    def load_weights(self, named_tensors: dict, bucket_mb: int = 256) -> int:
-        """CPU sync path: HF-named tensors, bucketed, through vLLM's weight-transfer lifecycle."""
-        from workers.cpu_transfer import buckets
+    # vLLM's weight-transfer lifecycle, exposed for `RayVLLMWeightSyncClient` (the GPU/NCCL path).
+    def init_weight_transfer_engine(self, request) -> None:
+        self.llm.init_weight_transfer_engine(request)
 
+    def start_weight_update(self) -> None:
         self.llm.start_weight_update()
-        for names, tensors in buckets(named_tensors, bucket_mb * 2**20):
-            self.llm.update_weights({"update_info": {"names": names, "tensors": tensors}})
+
+    def update_weights(self, request) -> None:
+        self.llm.update_weights(request)
+
+    def finish_weight_update(self) -> None:
         self.llm.finish_weight_update()
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def load_weights(self, named_tensors: dict, bucket_mb: int = 256) -> int:
+        """CPU sync path: HF-named tensors, bucketed, through the same lifecycle (`onalign_cpu` backend)."""
+        from workers.cpu_transfer import buckets
+
+        self.start_weight_update()
+        for names, tensors in buckets(named_tensors, bucket_mb * 2**20):
+            self.update_weights({"update_info": {"names": names, "tensors": tensors}})
+        self.finish_weight_update()
         return len(named_tensors)
 
     def ready(self) -> bool:

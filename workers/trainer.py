@@ -41,6 +41,8 @@ def ds_config(train: TrainConfig, world: int) -> dict:
     zero: dict = {"stage": train.zero_stage}
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
+    if train.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": 1,
@@ -55,6 +57,23 @@ def ds_config(train: TrainConfig, world: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def state_dict_source(trainer: TrainerWorker, dtype: torch.dtype, device: torch.device):
+    """vLLM `WeightSource` over the trainer's full state dict: HF names, sent in the engine's dtype.
+
+    It reads `trainer.weights` at every round, so one source serves every sync of a run."""
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+
+    class StateDictSource(WeightSource):
+        def metadata(self) -> list:
+            return [ParamMeta(k, dtype, tuple(v.shape)) for k, v in trainer.weights.items()]
+
+        def __iter__(self):
+            for k, v in trainer.weights.items():
+                yield k, v.to(device=device, dtype=dtype, non_blocking=True)
+
+    return StateDictSource()
 
 
 class TrainerWorker:
@@ -146,7 +165,7 @@ class TrainerWorker:
             ref_logps = ref_logps.view(len(shard), k)
             del ref_model
         model = self._model(self.weights)
-        if getattr(self.train_cfg, "gradient_checkpointing", False):
+        if self.train_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
         engine, *_ = deepspeed.initialize(
@@ -225,7 +244,34 @@ class TrainerWorker:
         self.weights = new
         return step_sq**0.5
 
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory of this rank's process (benchmarks)."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
     # ------------------------------------------------------------ weights out
+    def init_nccl_sync(self, engines: list, world_size: int, dtype: str) -> None:
+        """GPU path, rank 0: open vLLM's NCCL weight-transfer group with every engine worker."""
+        import ray
+        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+        from workers.actor_group import free_port
+
+        info = NCCLTrainerInitInfo(
+            master_address=ray.util.get_node_ip_address(), master_port=free_port(), world_size=world_size, rank=0
+        )
+        source = state_dict_source(self, getattr(torch, dtype), self.device)
+        self.nccl_sync = WeightTransferTrainerFactory.trainer_init(
+            info, client=RayVLLMWeightSyncClient(engines), source=source
+        )
+
+    def send_weights(self) -> None:
+        """GPU path, rank 0: packed NCCL broadcast of the current weights into every engine."""
+        self.nccl_sync.send_weights()
+
     def get_weights(self) -> StateDict:
         return self.weights
 

@@ -1,0 +1,68 @@
+"""Shared bench plumbing: one Ray cluster and one set of heavy actors for many runs of one script."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pipeline.config import load_config  # noqa: E402
+
+
+def machine() -> str:
+    return f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()})"
+
+
+@contextmanager
+def shared_workers(base_overrides: list[str]):
+    """Start Ray + vLLM engine + trainer ranks once; yield a `run(overrides) -> (rows, seconds)` function."""
+    import ray
+
+    from pipeline.driver import init_ray, prepare, run_with_workers, start_workers
+
+    cfg0 = load_config(ROOT / "configs/demo-cpu.yaml", [*base_overrides, "output_dir=/tmp/onalign-bench/_"])
+    init_ray(cfg0)
+    from pipeline.driver import resolve_model
+
+    workers = start_workers(cfg0, resolve_model(cfg0))
+
+    def run(out: str, overrides: list[str], config: str = "configs/demo-cpu.yaml"):
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = load_config(ROOT / config, [*base_overrides, *overrides, f"output_dir={out}", "quiet=true"])
+        t = time.perf_counter()
+        rows = run_with_workers(prepare(cfg), workers)
+        return rows, time.perf_counter() - t
+
+    try:
+        yield run
+    finally:
+        workers.shutdown()
+        ray.shutdown()
+
+
+def write_section(title: str, body: str) -> None:
+    """Replace (or append) one `## title` section of BENCHMARKS.md."""
+    path = ROOT / "BENCHMARKS.md"
+    text = (
+        path.read_text()
+        if path.exists()
+        else "# Benchmarks\n\nEvery figure below was printed by the command written beside it.\n"
+    )
+    start = text.find(f"\n## {title}\n")
+    section = f"\n## {title}\n\n{body.strip()}\n"
+    if start == -1:
+        text = text.rstrip("\n") + "\n" + section
+    else:
+        nxt = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[nxt:] if nxt != -1 else "")
+    path.write_text(text)

@@ -1,0 +1,212 @@
+"""P1, P2, P3, P5, P6: ratios against a named baseline measured in the same run, on a 10-30M model.
+
+    .venv/bin/python bench/throughput.py
+
+P1 DPO training tokens/s: our 2-rank ZeRO-2 trainer group vs TRL DPOTrainer (same model, pairs, global
+   batch, sequence lengths, fp32).
+P2 orchestration share of iteration wall time (pipeline run, 3 iterations).
+P3 weight-sync bandwidth: bytes / sync time vs a plain in-process copy of the same tensors.
+P5 rollout tokens/s: the vLLM actor vs HF `generate` on the same model and prompts.
+P6 peak trainer RSS: one of our trainer ranks vs TRL DPOTrainer with its resident reference model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+import subprocess
+import sys
+import time
+
+from common import machine, write_section
+
+HIDDEN, LAYERS = 512, 6
+N_PAIRS, BATCH, EPOCHS = 128, 16, 1
+
+
+def bench_model() -> str:
+    from pipeline.tiny_model import tiny_model_path
+
+    return str(tiny_model_path(hidden=HIDDEN, layers=LAYERS, sft_steps=0))
+
+
+def make_pairs(tok, n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    rows = []
+    for _ in range(n):
+        prompt = "reverse: " + "".join(rng.choice(letters) for _ in range(rng.randint(10, 30)))
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": "".join(rng.choice(letters) for _ in range(rng.randint(20, 40))),
+                "rejected": "".join(rng.choice(letters) for _ in range(rng.randint(20, 40))),
+            }
+        )
+    return rows
+
+
+TRL_SCRIPT = r"""
+import json, resource, sys, time, torch
+torch.set_num_threads(2)
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+path, rows, batch, epochs = sys.argv[1], json.loads(open(sys.argv[2]).read()), int(sys.argv[3]), int(sys.argv[4])
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+args = DPOConfig(output_dir="/tmp/onalign-bench/trl", per_device_train_batch_size=batch, num_train_epochs=epochs,
+                 learning_rate=5e-4, beta=0.1, report_to="none", use_cpu=True, logging_steps=10**6, save_strategy="no",
+                 max_length=256, dataloader_num_workers=0, bf16=False)
+trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+t = time.perf_counter(); trainer.train(); secs = time.perf_counter() - t
+print(json.dumps({"seconds": secs, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}))
+"""
+
+
+def run_trl(path: str, rows: list[dict]) -> dict:
+    data = "/tmp/onalign-bench/pairs.json"
+    with open(data, "w") as f:
+        json.dump(rows, f)
+    res = subprocess.run(
+        [sys.executable, "-c", TRL_SCRIPT, path, data, str(BATCH), str(EPOCHS)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-3000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    import ray
+    import torch
+
+    from pipeline.config import SyncConfig
+    from pipeline.records import PreferenceBatch, PreferenceGroup
+    from workers.actor_group import TrainerGroup
+    from workers.rollout import ENGINE_ENV, RolloutWorker
+    from workers.weight_sync import sync_weights
+
+    path = bench_model()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+    rows = make_pairs(tok, N_PAIRS)
+    results: dict[str, str] = {}
+
+    # ---------------- P1 / P6 baseline: TRL in its own process (before Ray takes the cores)
+    trl = run_trl(path, rows)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    groups = [
+        PreferenceGroup(
+            i,
+            enc(r["prompt"]),
+            [enc(r["chosen"]) + [tok.eos_token_id], enc(r["rejected"]) + [tok.eos_token_id]],
+            [1.0, 0.0],
+        )
+        for i, r in enumerate(rows)
+    ]
+    tokens = EPOCHS * sum(2 * len(g.prompt_ids) + len(g.responses[0]) + len(g.responses[1]) for g in groups)
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1 << 30)
+    group = TrainerGroup(2, 0.5, 0, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    train_cfg = {"num_workers": 2, "zero_stage": 2, "lr": 5e-4, "epochs": EPOCHS, "micro_batch_size": BATCH // 2}
+    ray.get(group.call("setup", path, train_cfg, {"name": "dpo", "beta": 0.1}, 0))
+    batch_ref = ray.put(PreferenceBatch(groups))
+    ray.get(group.call("train", batch_ref, 1))  # warm-up (DeepSpeed op builds, allocator)
+    t = time.perf_counter()
+    ray.get(group.call("train", batch_ref, 2))
+    ours_s = time.perf_counter() - t
+    ours_rss = max(ray.get(group.call("peak_rss_mb")))
+    p1 = (tokens / ours_s) / (tokens / trl["seconds"])
+    results["P1"] = (
+        f"| P1 | DPO training tokens/s | {tokens / ours_s:.0f} (2 ranks, ZeRO-2) | TRL DPOTrainer "
+        f"{tokens / trl['seconds']:.0f} | **{p1:.2f}x** | >= 1.5x |"
+    )
+    p6 = ours_rss / trl["peak_rss_mb"]
+    results["P6"] = (
+        f"| P6 | peak trainer RSS | {ours_rss:.0f} MiB (one rank) | TRL DPOTrainer {trl['peak_rss_mb']:.0f} MiB "
+        f"| **{p6:.2f}x** | <= 0.7x |"
+    )
+
+    # ---------------- P3: weight sync vs in-process copy
+    rollout_cfg = {"kv_cache_mb": 256, "max_model_len": 512, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.5}
+    engine = (
+        ray.remote(RolloutWorker).options(num_cpus=1, runtime_env={"env_vars": ENGINE_ENV}).remote(path, rollout_cfg)
+    )
+    ray.get(engine.ready.remote())
+    weights = ray.get(group.call_rank0("get_weights"))
+    nbytes = sum(v.numel() * v.element_size() for v in weights.values())
+    ray.get(sync_weights(group, [engine], SyncConfig()))  # warm-up
+    t = time.perf_counter()
+    for _ in range(3):
+        ray.get(sync_weights(group, [engine], SyncConfig()))
+    sync_s = (time.perf_counter() - t) / 3
+    t = time.perf_counter()
+    for _ in range(3):
+        _ = {k: v.clone() for k, v in weights.items()}
+    copy_s = (time.perf_counter() - t) / 3
+    p3 = (nbytes / sync_s) / (nbytes / copy_s)
+    results["P3"] = (
+        f"| P3 | weight-sync bandwidth | {nbytes / sync_s / 1e9:.2f} GB/s ({nbytes / 1e6:.0f} MB, trainer rank 0 "
+        f"-> object store -> vLLM, bucketed) | in-process copy {nbytes / copy_s / 1e9:.2f} GB/s | **{p3:.2f}x** | >= 0.5x |"
+    )
+    group.kill()
+
+    # ---------------- P5: vLLM actor vs HF generate
+    prompts = [enc(f"reverse: {r['prompt'][9:]}") for r in rows[:64]]
+    n, max_new = 4, 64
+    ray.get(engine.generate.remote(prompts[:4], [0, 1, 2, 3], n, 1.0, 1.0, max_new, 0, 0))  # warm-up
+    t = time.perf_counter()
+    outs = ray.get(engine.generate.remote(prompts, list(range(len(prompts))), n, 1.0, 1.0, max_new, 0, 1))
+    vllm_s = time.perf_counter() - t
+    vllm_tokens = sum(len(o.response_ids) for o in outs)
+    ray.kill(engine)
+    ray.shutdown()
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf_tokens = 0
+    t = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(prompts), 16):
+            chunk = prompts[s : s + 16]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in chunk])
+            attn = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in chunk])[:, None]).long()
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                do_sample=True,
+                max_new_tokens=max_new,
+                num_return_sequences=n,
+                pad_token_id=tok.pad_token_id,
+            )
+            new = gen[:, width:]
+            hf_tokens += int(sum(int((row != tok.pad_token_id).sum()) for row in new))
+    hf_s = time.perf_counter() - t
+    p5 = (vllm_tokens / vllm_s) / (hf_tokens / hf_s)
+    results["P5"] = (
+        f"| P5 | rollout tokens/s ({len(prompts)} prompts x {n} x {max_new} tokens) | vLLM actor "
+        f"{vllm_tokens / vllm_s:.0f} | HF generate {hf_tokens / hf_s:.0f} | **{p5:.2f}x** | >= 3x |"
+    )
+
+    body = (
+        f"Command: `.venv/bin/python bench/throughput.py` ({datetime.date.today()}, {machine()}).\n\n"
+        f"Model: Qwen2 built offline by the demo's builder, hidden {HIDDEN}, {LAYERS} layers, {params / 1e6:.1f}M "
+        f"parameters, fp32 on CPU. P1/P6: {N_PAIRS} pairs, global batch {BATCH}, {EPOCHS} epoch, prompt 10-30 and "
+        "responses 20-40 characters. P2 is in the methods/optune sections' timing columns (see below).\n\n"
+        "| id | measure | onalign | baseline (same run) | ratio | goal |\n|---|---|---|---|---|---|\n"
+        + "\n".join(results[k] for k in ("P1", "P3", "P5", "P6"))
+    )
+    write_section("Throughput and memory (bench/throughput.py)", body)
+    for k in ("P1", "P3", "P5", "P6"):
+        print(results[k])
+    print(f"ratios: P1 {p1:.2f}x  P3 {p3:.2f}x  P5 {p5:.2f}x  P6 {p6:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
