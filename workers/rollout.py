@@ -42,6 +42,10 @@ class RolloutWorker:
             cpu_transfer.register()
             kwargs["kv_cache_memory_bytes"] = int(rollout_cfg["kv_cache_mb"]) * 2**20
             kwargs["weight_transfer_config"] = {"backend": cpu_transfer.BACKEND}
+            # Chunked prefill rewinds seeded samplers with Generator.set_offset, which CPU generators lack
+            # ("CPU Generator does not use offset"): prefill whole prompts instead.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(8192, rollout_cfg["max_model_len"])
         else:
             kwargs["gpu_memory_utilization"] = rollout_cfg["gpu_memory_utilization"]
             kwargs["weight_transfer_config"] = {"backend": "nccl"}
