@@ -154,7 +154,8 @@ class RunConfig(_Section):
     seed: int = 0
     iterations: int = Field(3, ge=0)
     output_dir: str = "runs/onalign"
-    resume: bool = False
+    # true / "auto": continue after the last complete checkpoint in output_dir (a fresh start if none).
+    resume: bool | Literal["auto"] = False
     keep_checkpoints: int = Field(2, ge=1)
     call_timeout_s: float = Field(900.0, gt=0)
     quiet: bool = False

@@ -45,6 +45,13 @@ def test_bad_config_gives_one_clear_message(overrides, message):
     assert message in str(e.value)
 
 
+def test_resume_accepts_auto_and_bools():
+    assert load_config("configs/demo-cpu.yaml", ["resume=auto"]).resume == "auto"
+    assert load_config("configs/demo-cpu.yaml", ["resume=true"]).resume is True
+    with pytest.raises(ConfigError, match="resume"):
+        load_config("configs/demo-cpu.yaml", ["resume=sometimes"])
+
+
 def test_missing_and_malformed_config_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
