@@ -43,14 +43,12 @@ class Console:
             print(f"[onalign] {msg}", flush=True)
 
     def status(self, msg: str):
-        """A spinner while a stage runs (terminal only); a plain line otherwise."""
+        """A spinner naming the running stage (terminal only; clean logs otherwise)."""
         if self.rich:
             return self.console.status(msg)
         import contextlib
 
-        if not self.quiet:
-            print(f"[onalign] {msg}", flush=True)
-        return contextlib.nullcontext()
+        return contextlib.nullcontext()  # logs get the per-iteration line only
 
     def iteration_done(self, row: dict) -> None:
         cells = [fmt(row.get(k), p) for k, _, p in COLUMNS]

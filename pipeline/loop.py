@@ -169,7 +169,15 @@ class Loop:
         )
         self.sync()
         if first == 1:
-            row = {"iteration": 0, **self.evaluate(0)}
+            data_counts = {f"train_{k}": v for k, v in self.train_set.counts.items()}
+            data_counts.update({f"eval_{k}": v for k, v in self.eval_set.counts.items()})
+            row = {
+                "iteration": 0,
+                **self.evaluate(0),
+                "train_prompts": len(self.train_set),
+                "eval_prompts": len(self.eval_set),
+                **data_counts,
+            }
             self.record(row)
         return first
 
@@ -182,28 +190,34 @@ class Loop:
         t0 = time.perf_counter()
         selected = self.get(reward.select.remote(it), "selection")
 
+        stage = self.reporter.console.status
+        n_gen = len(selected) * cfg.rollout.n_samples
         t = time.perf_counter()
-        rollouts = self.generate(self.train_set, selected, cfg.rollout.n_samples, cfg.rollout.temperature, it)
+        with stage(f"iteration {it}/{cfg.iterations}: generating {n_gen} responses for {len(selected)} prompts"):
+            rollouts = self.generate(self.train_set, selected, cfg.rollout.n_samples, cfg.rollout.temperature, it)
         time_generate = time.perf_counter() - t
 
         t = time.perf_counter()
-        scored = self.get(reward.ingest.remote(rollouts, it), "reward scoring")
-        batch, pair_stats = self.get(reward.batch.remote(), "pair building")
+        with stage(f"iteration {it}/{cfg.iterations}: scoring {len(rollouts)} responses and building pairs"):
+            scored = self.get(reward.ingest.remote(rollouts, it), "reward scoring")
+            batch, pair_stats = self.get(reward.batch.remote(), "pair building")
         time_score = time.perf_counter() - t
 
         t = time.perf_counter()
         train_stats: dict = {"loss": None, "pair_accuracy": None, "train_steps": 0}
-        if len(batch) >= trainers.world:
-            batch_ref = ray.put(batch)
-            per_rank = self.get(trainers.call("train", batch_ref, it), "training")
-            train_stats = _merge_rank_stats(per_rank)
-        apo_step = None
-        if self.algorithm.extrapolate:
-            apo_step = self.get(trainers.call("extrapolate", cfg.algorithm.apo_alpha), "APO extrapolation")[0]
+        with stage(f"iteration {it}/{cfg.iterations}: training {cfg.algorithm.name} on {len(batch)} groups"):
+            if len(batch) >= trainers.world:
+                batch_ref = ray.put(batch)
+                per_rank = self.get(trainers.call("train", batch_ref, it), "training")
+                train_stats = _merge_rank_stats(per_rank)
+            apo_step = None
+            if self.algorithm.extrapolate:
+                apo_step = self.get(trainers.call("extrapolate", cfg.algorithm.apo_alpha), "APO extrapolation")[0]
         time_train = time.perf_counter() - t
 
-        time_sync = self.sync() if train_stats["train_steps"] or apo_step else 0.0
-        ev = self.evaluate(it)
+        with stage(f"iteration {it}/{cfg.iterations}: syncing weights and evaluating"):
+            time_sync = self.sync() if train_stats["train_steps"] or apo_step else 0.0
+            ev = self.evaluate(it)
 
         gen_tokens = sum(len(r.response_ids) for r in rollouts)
         n_prompts = len(self.train_set)

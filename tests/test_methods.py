@@ -34,6 +34,11 @@ def test_method_runs_one_iteration(run_preset, method):
         assert last["pairs_dropped_ties"] == 0  # ground truth vs own generation: never a tie
 
 
+def test_apo_under_zero3_gathers_and_extrapolates(run_preset):
+    rows = run_preset("cpu-apo.yaml", "iterations=2", "train.zero_stage=3", sub="zero3")
+    assert all(r["train_steps"] > 0 and r["apo_step_norm"] > 0 for r in rows[1:])
+
+
 def test_apo_alpha_zero_is_iterative_dpo(run_preset):
     apo = run_preset("cpu-apo.yaml", "iterations=2", "algorithm.apo_alpha=0.0", sub="apo")
     dpo = run_preset("cpu-dpo.yaml", "iterations=2", sub="dpo")
