@@ -49,6 +49,15 @@ def head(tmp_path_factory):
         "--include-dashboard",
         "true",
     ]
+    # The test session's own cluster already holds Ray's default agent ports on this machine.
+    for flag in (
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+        "--ray-client-server-port",
+    ):
+        start += [flag, str(free_port())]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     env["RAY_ADDRESS"] = f"http://127.0.0.1:{dash}"
     yield env
