@@ -55,6 +55,9 @@ class DataConfig(_Section):
     max_samples: int | None = Field(None, ge=1)
     max_prompt_length: int = Field(64, ge=4)
     long_prompts: Literal["skip", "truncate"] = "skip"
+    # None: the same prompt set every iteration (SPIN, OPTune). N: iteration k takes the k-th slice of N
+    # prompts of the shuffled train set, wrapping around (RLHFlow's fresh prompts per iteration).
+    prompts_per_iteration: int | None = Field(None, ge=1)
     duplicate_prompts: Literal["drop", "keep"] = "drop"
 
 
@@ -186,6 +189,11 @@ class RunConfig(_Section):
             raise ValueError(
                 f"selection.rho={self.selection.rho} has no effect with selection.mode=all; "
                 "use selection.mode=lowest_reward (OPTune) or random"
+            )
+        if self.data.prompts_per_iteration is not None and self.selection.mode != "all":
+            raise ValueError(
+                "data.prompts_per_iteration takes fresh prompts every iteration, while OPTune selection "
+                f"(selection.mode={self.selection.mode}) re-ranks one fixed prompt set: use one or the other"
             )
         if self.train.offload_params and self.train.zero_stage != 3:
             raise ValueError("train.offload_params needs train.zero_stage=3 (parameter offload is a ZeRO-3 feature)")

@@ -145,6 +145,7 @@ class Loop:
                 cfg.selection.model_dump(),
                 cfg.rollout.n_samples,
                 cfg.seed,
+                cfg.data.prompts_per_iteration,
             ),
             "reward reset",
         )
@@ -220,7 +221,8 @@ class Loop:
             ev = self.evaluate(it)
 
         gen_tokens = sum(len(r.response_ids) for r in rollouts)
-        n_prompts = len(self.train_set)
+        # with fresh prompts per iteration the slice is the whole of this iteration's work
+        n_prompts = len(selected) if cfg.data.prompts_per_iteration else len(self.train_set)
         mean_len = gen_tokens / max(len(rollouts), 1)
         if_all = mean_len * cfg.rollout.n_samples * n_prompts
         row = {

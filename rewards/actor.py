@@ -34,6 +34,7 @@ class RewardWorker:
         selection: dict,
         n_samples: int,
         seed: int,
+        prompts_per_iteration: int | None = None,
     ) -> None:
         """Start a run. `train` / `eval_set`: dicts of lists `texts`, `references`, `prompt_ids`, `sft_ids`."""
         self.train, self.eval = train, eval_set
@@ -42,6 +43,8 @@ class RewardWorker:
         self.selection = SelectionConfig(**selection)
         self.n_samples = n_samples
         self.seed = seed
+        self.per_iteration = prompts_per_iteration
+        self.active: set[int] | None = None  # prompts of this iteration's slice (None: all of them)
         n = len(train["texts"])
         self.pools: list[list[Rollout]] = [[] for _ in range(n)]
         self.groups: list[PreferenceGroup | None] = [None] * n
@@ -66,8 +69,13 @@ class RewardWorker:
 
     # ------------------------------------------------------------ selection
     def select(self, iteration: int) -> list[int]:
-        """Prompts to (re)generate in this iteration: all of them first, then OPTune's rule."""
+        """Prompts to (re)generate in this iteration: a fresh slice, or all of them first, then OPTune's rule."""
         n = len(self.pools)
+        if self.per_iteration is not None:
+            start = (iteration - 1) * self.per_iteration
+            picked = sorted({(start + i) % n for i in range(min(self.per_iteration, n))})
+            self.active = set(picked)
+            return picked
         if iteration <= 1 or any(not p for p in self.pools):
             return list(range(n))
         scores = [prompt_score(p, g, self.selection.score) for p, g in zip(self.pools, self.groups, strict=True)]
@@ -115,14 +123,15 @@ class RewardWorker:
 
     def batch(self) -> tuple[PreferenceBatch, dict]:
         """The current training groups (regenerated and reused alike) and pair statistics."""
-        groups = [g for g in self.groups if g is not None]
+        prompts = range(len(self.pools)) if self.active is None else sorted(self.active)
+        groups = [self.groups[i] for i in prompts if self.groups[i] is not None]
+        dropped_ties = sum(1 for i in prompts if self.pools[i]) - len(groups)
         if self.algorithm.name == "spin" and self.algo_cfg.spin_mix_previous:
             groups = groups + self.previous_groups[: len(groups)]
-        with_pool = sum(1 for p in self.pools if p)
         gaps = [g.rewards[0] - g.rewards[-1] for g in groups]
         stats = {
             "pairs": len(groups),
-            "pairs_dropped_ties": with_pool - sum(1 for g in self.groups if g is not None),
+            "pairs_dropped_ties": dropped_ties,
             "pair_reward_gap_mean": statistics.fmean(gaps) if gaps else 0.0,
         }
         return PreferenceBatch(groups), stats

@@ -67,3 +67,11 @@ def test_missing_and_malformed_config_files(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(scalar)
+
+
+def test_fresh_prompts_and_optune_selection_exclude_each_other():
+    with pytest.raises(ConfigError, match="use one or the other"):
+        load_config(
+            "configs/demo-cpu.yaml",
+            ["data.prompts_per_iteration=32", "selection.mode=lowest_reward", "selection.rho=0.5"],
+        )

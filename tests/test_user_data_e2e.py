@@ -24,3 +24,26 @@ def test_run_on_local_jsonl(run_tiny, tmp_path):
         out=tmp_path / "run",
     )
     assert rows[-1]["iteration"] == 1 and rows[-1]["pairs"] > 0
+
+
+def test_fresh_prompt_slice_per_iteration(run_tiny, tmp_path):
+    """RLHFlow style: iteration k trains on the k-th slice of prompts; pairs come from that slice only."""
+    rows, _ = run_tiny("data.prompts_per_iteration=16", "iterations=2", out=tmp_path / "slices")
+    for r in rows[1:]:
+        assert r["prompts_regenerated"] == 16 and 0 < r["pairs"] <= 16
+        assert r["pairs"] + r["pairs_dropped_ties"] == 16
+        assert r["generation_saved_fraction"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fresh_slices_wrap_and_differ():
+    from rewards.actor import RewardWorker
+
+    w = RewardWorker({"kind": "function"})
+    data = {
+        "texts": [f"reverse: {c}bc" for c in "abcde"],
+        "references": [None] * 5,
+        "prompt_ids": [[1]] * 5,
+        "sft_ids": [None] * 5,
+    }
+    w.reset(data, data, {"name": "dpo"}, {"mode": "all"}, 2, 0, prompts_per_iteration=2)
+    assert [w.select(k) for k in (1, 2, 3)] == [[0, 1], [2, 3], [0, 4]]
