@@ -180,6 +180,7 @@ class Loop:
                 **data_counts,
             }
             self.record(row)
+            self.rundir.publish()
         return first
 
     def record(self, row: dict) -> None:
@@ -260,6 +261,7 @@ class Loop:
             row = self.iteration(it)
             self.record(row)  # metrics first: a resume truncates rows past the last complete checkpoint
             save_checkpoint(self, it)
+            self.rundir.publish()
         return self.rundir.read_metrics()
 
 

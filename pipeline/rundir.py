@@ -22,9 +22,62 @@ class RunDirError(RuntimeError):
     pass
 
 
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
 class RunDir:
+    """A local run directory; for an fsspec URL (`s3://...`, `gs://...`, `file://...`) a local staging copy
+    that `publish()` mirrors to the URL after every iteration (and `prepare()` pulls back to resume)."""
+
     def __init__(self, root: str | os.PathLike) -> None:
+        self.url: str | None = None
+        if is_url(str(root)):
+            import hashlib
+
+            from pipeline.tiny_model import cache_root
+
+            self.url = str(root).rstrip("/")
+            root = cache_root() / "staging" / hashlib.sha256(self.url.encode()).hexdigest()[:16]
         self.root = Path(root)
+
+    def _remote(self):
+        import fsspec
+
+        return fsspec.core.url_to_fs(self.url)
+
+    def pull(self) -> None:
+        """Fetch a remote run into the staging directory (resume, and the 'already holds a run' check)."""
+        if self.url is None:
+            return
+        fs, path = self._remote()
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if fs.exists(path):
+            fs.get(path.rstrip("/") + "/", str(self.root) + "/", recursive=True)
+
+    def publish(self) -> None:
+        """Mirror the staging directory to the URL: files first, then drop remote checkpoints pruned here.
+        A checkpoint is complete remotely once its state.json is there (it is written last locally)."""
+        if self.url is None:
+            return
+        fs, path = self._remote()
+        fs.makedirs(path, exist_ok=True)
+        for local in sorted(self.root.rglob("*"), key=lambda p: p.name == "state.json"):
+            rel = local.relative_to(self.root)
+            if (
+                local.is_file()
+                and not rel.parts[0].startswith(".")
+                and not (len(rel.parts) > 1 and rel.parts[1].startswith("."))
+            ):
+                fs.makedirs(f"{path}/{rel.parent.as_posix()}", exist_ok=True)
+                fs.put_file(str(local), f"{path}/{rel.as_posix()}")
+        remote_ckpts = f"{path}/checkpoints"
+        if fs.exists(remote_ckpts):
+            keep = {f"iter_{i}" for i in self.complete_checkpoints()}
+            for entry in fs.ls(remote_ckpts, detail=False):
+                if entry.rstrip("/").rsplit("/", 1)[-1] not in keep:
+                    fs.rm(entry, recursive=True)
 
     @property
     def metrics_path(self) -> Path:
@@ -40,6 +93,14 @@ class RunDir:
 
     def prepare(self) -> None:
         """Create the directory and prove it is writable, before any actor starts."""
+        if self.url is not None:
+            try:
+                self.pull()
+                self.publish()  # proves the remote is writable
+            except Exception as e:
+                raise RunDirError(
+                    f"output_dir '{self.url}' cannot be read or written ({type(e).__name__}: {e})"
+                ) from None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / ".write-test"

@@ -75,3 +75,19 @@ def _hf_logprobs(path, prompts, responses):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return batched_sequence_logprobs(model, prompts, responses, 0)[0].tolist()
+
+
+def test_fsspec_output_dir_is_mirrored_and_resumable(run_tiny, tmp_path):
+    """output_dir may be an fsspec URL: metrics, report and checkpoints land there after every iteration,
+    and a resume reads them back from there."""
+    remote = tmp_path / "bucket" / "run"
+    url = f"file://{remote}"
+    run_tiny("iterations=1", out=url)
+    assert len((remote / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (remote / "report.html").is_file() and (remote / "plots" / "eval_reward.png").is_file()
+    assert (remote / "checkpoints" / "iter_1" / "state.json").is_file()
+    assert (remote / "checkpoints" / "iter_1" / "policy" / "model.safetensors").is_file()
+    rows, _ = run_tiny("iterations=2", "resume=true", out=url)
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert len((remote / "metrics.jsonl").read_text().splitlines()) == 3
+    assert sorted(p.name for p in (remote / "checkpoints").iterdir()) == ["iter_1", "iter_2"]
