@@ -65,11 +65,7 @@ class RunDir:
         fs.makedirs(path, exist_ok=True)
         for local in sorted(self.root.rglob("*"), key=lambda p: p.name == "state.json"):
             rel = local.relative_to(self.root)
-            if (
-                local.is_file()
-                and not rel.parts[0].startswith(".")
-                and not (len(rel.parts) > 1 and rel.parts[1].startswith("."))
-            ):
+            if local.is_file() and not any(part.startswith(".") for part in rel.parts):  # skip temp dirs
                 fs.makedirs(f"{path}/{rel.parent.as_posix()}", exist_ok=True)
                 fs.put_file(str(local), f"{path}/{rel.as_posix()}")
         remote_ckpts = f"{path}/checkpoints"

@@ -30,8 +30,3 @@ def reverse_reward(prompts: list[str], responses: list[str], references: list[st
         target = ref if ref is not None else prompt.rsplit(":", 1)[-1].strip()[::-1]
         out.append(reverse_score(response, target))
     return out
-
-
-def length_reward(prompts: list[str], responses: list[str], references: list[str | None]) -> list[float]:
-    """Toy reward: prefers shorter responses (useful to see a reward move in a few steps)."""
-    return [-float(len(r)) / 10.0 for r in responses]
