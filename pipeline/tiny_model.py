@@ -123,17 +123,17 @@ def build_tiny_model(out_dir: Path, hidden: int = 128, layers: int = 2, sft_step
     return info
 
 
-def tiny_model_path(hidden: int = 128, layers: int = 2, sft_steps: int = 140, seed: int = 0) -> Path:
-    """Path of the cached tiny model, building it first if needed (atomic rename into place)."""
-    key = json.dumps([BUILDER_VERSION, hidden, layers, sft_steps, seed])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    final = cache_root() / f"tiny-qwen2-h{hidden}-l{layers}-sft{sft_steps}-{digest}"
+def cached_build(final: Path, build) -> Path:
+    """`final` if a complete build is there, else `build(tmp_dir)` then an atomic rename into place.
+
+    A build is complete once its `onalign_build.json` exists; concurrent builders race harmlessly (the
+    loser's identical copy is discarded)."""
     if (final / "onalign_build.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
     try:
-        build_tiny_model(tmp, hidden, layers, sft_steps, seed)
+        build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:  # another process won the race; its copy is identical
@@ -142,3 +142,11 @@ def tiny_model_path(hidden: int = 128, layers: int = 2, sft_steps: int = 140, se
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def tiny_model_path(hidden: int = 128, layers: int = 2, sft_steps: int = 140, seed: int = 0) -> Path:
+    """Path of the cached tiny model, building it first if needed."""
+    key = json.dumps([BUILDER_VERSION, hidden, layers, sft_steps, seed])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    final = cache_root() / f"tiny-qwen2-h{hidden}-l{layers}-sft{sft_steps}-{digest}"
+    return cached_build(final, lambda tmp: build_tiny_model(tmp, hidden, layers, sft_steps, seed))

@@ -9,11 +9,8 @@ Saved, with the policy's tokenizer and chat template, under the same cache as th
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import string
-import tempfile
 from pathlib import Path
 
 from pipeline.builtin_task import make_examples
@@ -104,21 +101,10 @@ def build_tiny_reward_model(out_dir: Path, policy_dir: Path, steps: int = 1500, 
 
 
 def tiny_reward_model_path() -> Path:
-    """The cached tiny reward model next to the tiny policy, built on first use (atomic rename)."""
-    from pipeline.tiny_model import tiny_model_path
+    """The cached tiny reward model next to the tiny policy, built on first use."""
+    from pipeline.tiny_model import cached_build, tiny_model_path
 
     policy = tiny_model_path()
-    final = policy.parent / f"{policy.name}-rm-v{RM_VERSION}"
-    if (final / "onalign_build.json").is_file():
-        return final
-    tmp = Path(tempfile.mkdtemp(prefix=".build-rm-", dir=final.parent))
-    try:
-        build_tiny_reward_model(tmp, policy)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "onalign_build.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return cached_build(
+        policy.parent / f"{policy.name}-rm-v{RM_VERSION}", lambda tmp: build_tiny_reward_model(tmp, policy)
+    )
