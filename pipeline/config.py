@@ -163,7 +163,9 @@ class RunConfig(_Section):
     call_timeout_s: float = Field(900.0, gt=0)
     quiet: bool = False
     tensorboard: bool = True
+    # W&B (when installed): offline unless WANDB_MODE=online; files under OUTPUT_DIR/wandb/.
     wandb: bool = False
+    wandb_project: str = "onalign"
     ray_num_cpus: int | None = Field(None, ge=1)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()

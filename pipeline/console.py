@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 
 COLUMNS = [
     ("iteration", "it", "{}"),
@@ -28,13 +30,14 @@ def fmt(value, pattern: str) -> str:
 
 
 class Console:
-    def __init__(self, quiet: bool = False) -> None:
-        self.rich = sys.stdout.isatty() and not quiet
+    def __init__(self, quiet: bool = False, rich_console=None) -> None:
+        """Rich output on a terminal (or on `rich_console`, e.g. one writing to a file); plain lines otherwise."""
+        self.rich = rich_console is not None or (sys.stdout.isatty() and not quiet)
         self.quiet = quiet
         if self.rich:
             from rich.console import Console as RichConsole
 
-            self.console = RichConsole()
+            self.console = rich_console or RichConsole()
 
     def log(self, msg: str) -> None:
         if self.rich:
@@ -43,12 +46,21 @@ class Console:
             print(f"[onalign] {msg}", flush=True)
 
     def status(self, msg: str):
-        """A spinner naming the running stage (terminal only; clean logs otherwise)."""
-        if self.rich:
-            return self.console.status(msg)
-        import contextlib
+        """A spinner naming a stage that has no countable steps (terminal only)."""
+        return self.console.status(msg) if self.rich else contextlib.nullcontext()
 
-        return contextlib.nullcontext()  # logs get the per-iteration line only
+    @contextlib.contextmanager
+    def progress(self) -> Iterator:
+        """One iteration's stage bars (rich `Progress`, cleared when the iteration's row is printed);
+        yields None without a terminal: logs get the per-iteration line only."""
+        if not self.rich:
+            yield None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, TimeElapsedColumn(), console=self.console, transient=True) as bars:
+            yield bars
 
     def iteration_done(self, row: dict) -> None:
         cells = [fmt(row.get(k), p) for k, _, p in COLUMNS]

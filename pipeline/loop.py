@@ -5,18 +5,22 @@ Everything heavy happens in actors; the driver moves token ids, scores, metrics 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import ray
 
 from pipeline.config import RunConfig
 from pipeline.data import PromptSet
+from pipeline.progress import Ticker, new_board
 from pipeline.records import Rollout
 from pipeline.rundir import RunDir
 from workers.actor_group import TrainerGroup
 from workers.losses import get_algorithm
+from workers.trainer import steps_per_rank
 from workers.weight_sync import init_sync, resolve_backend, sync_weights
 
 
@@ -55,11 +59,18 @@ class Loop:
         self.algorithm = get_algorithm(cfg.algorithm.name)
         self.initial_eval: list[float] = []
         self.sync_backend = resolve_backend(cfg.sync, cfg.rollout.num_gpus > 0)
+        # Progress bars (terminal only): actors count onto the board, the driver draws `self.bars`.
+        self.board = new_board() if reporter.console.rich else None
+        self.bars = None  # the running iteration's rich Progress
+        self.bar_tasks: dict[str, tuple[int, int | None]] = {}  # key -> (rich task id, total)
 
     # ------------------------------------------------------------ helpers
-    def get(self, refs, what: str):
-        """ray.get with the configured timeout and a message that says how to resume."""
+    def get(self, refs, what: str, progress: Ticker | None = None):
+        """ray.get with the configured timeout and a message that says how to resume; with `progress`
+        (from `bar`), the bar follows the actors' counts while it waits."""
         try:
+            if progress is not None:
+                self._follow(refs, progress)
             return ray.get(refs, timeout=self.cfg.call_timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise PipelineError(
@@ -77,13 +88,48 @@ class Loop:
                 f"{self.rundir.checkpoints}; rerun the same command with --resume to continue from the last one"
             ) from None
 
+    @contextlib.contextmanager
+    def showing_progress(self) -> Iterator[None]:
+        """Progress bars for the stages run inside (cleared when it ends)."""
+        with self.reporter.console.progress() as bars:
+            self.bars = bars
+            try:
+                yield
+            finally:
+                self.bars = None
+
+    def bar(self, label: str, total: int | None) -> Ticker | None:
+        """A new progress bar and the ticker that actors advance it with (None without a terminal)."""
+        if self.bars is None or self.board is None:
+            return None
+        key = str(len(self.bar_tasks))
+        self.bar_tasks[key] = (self.bars.add_task(label, total=total), total)
+        return Ticker(self.board, key)
+
+    def _follow(self, refs, progress: Ticker) -> None:
+        pending = list(refs) if isinstance(refs, list) else [refs]
+        deadline = time.monotonic() + self.cfg.call_timeout_s
+        task, total = self.bar_tasks[progress.key]
+        settle = 10  # the actors' last counts may land just after their results: a few more reads
+        while True:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
+            done = ray.get(self.board.read.remote([progress.key]))[progress.key]
+            self.bars.update(task, completed=done)
+            if not pending:
+                if done >= (total or 0) or settle == 0:
+                    return
+                settle -= 1
+            if time.monotonic() > deadline:
+                raise ray.exceptions.GetTimeoutError()
+
     def generate(
-        self, prompt_set: PromptSet, indices: list[int], n: int, temperature: float, iteration: int
+        self, prompt_set: PromptSet, indices: list[int], n: int, temperature: float, iteration: int, label: str
     ) -> list[Rollout]:
         """Spread prompts over the engines round-robin; results come back in (prompt, sample) order."""
         r = self.cfg.rollout
         engines = self.workers.rollouts
         parts = [indices[e :: len(engines)] for e in range(len(engines))]
+        progress = self.bar(label, len(indices) * (n if temperature > 0 else 1))
         refs = [
             eng.generate.remote(
                 [prompt_set.prompt_ids[i] for i in part],
@@ -94,24 +140,30 @@ class Loop:
                 r.max_new_tokens,
                 self.cfg.seed,
                 iteration,
+                progress,
             )
             for eng, part in zip(engines, parts, strict=True)
             if part
         ]
-        out = [ro for chunk in self.get(refs, "generation") for ro in chunk]
+        out = [ro for chunk in self.get(refs, "generation", progress) for ro in chunk]
         return sorted(out, key=lambda ro: ro.prompt_index)  # stable: samples keep their order
 
     def sync(self) -> float:
         t = time.perf_counter()
+        task = self.bars.add_task("syncing weights into vLLM", total=None) if self.bars is not None else None
         refs = sync_weights(self.workers.trainers, self.workers.rollouts, self.cfg.sync, self.sync_backend)
         self.get(refs, "weight sync")
+        if task is not None:
+            self.bars.update(task, total=1, completed=1)
         return time.perf_counter() - t
 
     def evaluate(self, iteration: int) -> dict:
         """Greedy answers on the held-out prompts, scored; win rate against the initial policy's answers."""
         t = time.perf_counter()
         idx = list(range(len(self.eval_set)))
-        rollouts = self.generate(self.eval_set, idx, 1, self.cfg.eval.temperature, 10**6 + iteration)
+        rollouts = self.generate(
+            self.eval_set, idx, 1, self.cfg.eval.temperature, 10**6 + iteration, "evaluating (held-out prompts)"
+        )
         rewards = self.get(self.reward.score_rollouts.remote(rollouts, "eval"), "eval scoring")
         if iteration == 0:
             self.initial_eval = rewards
@@ -170,11 +222,13 @@ class Loop:
         )
         self.sync()
         if first == 1:
+            with self.showing_progress():
+                initial = self.evaluate(0)
             data_counts = {f"train_{k}": v for k, v in self.train_set.counts.items()}
             data_counts.update({f"eval_{k}": v for k, v in self.eval_set.counts.items()})
             row = {
                 "iteration": 0,
-                **self.evaluate(0),
+                **initial,
                 "train_prompts": len(self.train_set),
                 "eval_prompts": len(self.eval_set),
                 **data_counts,
@@ -188,36 +242,15 @@ class Loop:
         self.reporter.iteration_done(row)
 
     def iteration(self, it: int) -> dict:
-        cfg, reward, trainers = self.cfg, self.reward, self.workers.trainers
+        cfg = self.cfg
         t0 = time.perf_counter()
-        selected = self.get(reward.select.remote(it), "selection")
+        selected = self.get(self.reward.select.remote(it), "selection")
 
-        stage = self.reporter.console.status
-        n_gen = len(selected) * cfg.rollout.n_samples
-        t = time.perf_counter()
-        with stage(f"iteration {it}/{cfg.iterations}: generating {n_gen} responses for {len(selected)} prompts"):
-            rollouts = self.generate(self.train_set, selected, cfg.rollout.n_samples, cfg.rollout.temperature, it)
-        time_generate = time.perf_counter() - t
-
-        t = time.perf_counter()
-        with stage(f"iteration {it}/{cfg.iterations}: scoring {len(rollouts)} responses and building pairs"):
-            scored = self.get(reward.ingest.remote(rollouts, it), "reward scoring")
-            batch, pair_stats = self.get(reward.batch.remote(), "pair building")
-        time_score = time.perf_counter() - t
-
-        t = time.perf_counter()
-        train_stats: dict = {"loss": None, "pair_accuracy": None, "train_steps": 0}
-        with stage(f"iteration {it}/{cfg.iterations}: training {cfg.algorithm.name} on {len(batch)} groups"):
-            if len(batch) >= trainers.world:
-                batch_ref = ray.put(batch)
-                per_rank = self.get(trainers.call("train", batch_ref, it), "training")
-                train_stats = _merge_rank_stats(per_rank)
-            apo_step = None
-            if self.algorithm.extrapolate:
-                apo_step = self.get(trainers.call("extrapolate", cfg.algorithm.apo_alpha), "APO extrapolation")[0]
-        time_train = time.perf_counter() - t
-
-        with stage(f"iteration {it}/{cfg.iterations}: syncing weights and evaluating"):
+        with self.showing_progress():
+            rollouts, time_generate, scored, batch, pair_stats, time_score = self.rollout_and_score(it, selected)
+            t = time.perf_counter()
+            train_stats, apo_step = self.train(it, batch)
+            time_train = time.perf_counter() - t
             time_sync = self.sync() if train_stats["train_steps"] or apo_step else 0.0
             ev = self.evaluate(it)
 
@@ -252,6 +285,36 @@ class Loop:
             {"iteration": it, "rollout_rewards": scored["rewards"], "pair_weights": row.pop("pair_weights", None)}
         )
         return row
+
+    def rollout_and_score(self, it: int, selected: list[int]) -> tuple:
+        """Generate for the selected prompts, score the responses and build the training groups."""
+        cfg, n = self.cfg, self.cfg.rollout.n_samples
+        t = time.perf_counter()
+        rollouts = self.generate(
+            self.train_set, selected, n, cfg.rollout.temperature, it, f"iteration {it}: generating responses"
+        )
+        time_generate = time.perf_counter() - t
+        t = time.perf_counter()
+        progress = self.bar(f"iteration {it}: scoring responses", len(rollouts))
+        scored = self.get(self.reward.ingest.remote(rollouts, it, progress), "reward scoring", progress)
+        batch, pair_stats = self.get(self.reward.batch.remote(), "pair building")
+        return rollouts, time_generate, scored, batch, pair_stats, time.perf_counter() - t
+
+    def train(self, it: int, batch) -> tuple[dict, float | None]:
+        """Train on the iteration's groups (skipped when there are fewer than ranks), then APO's step."""
+        cfg, trainers = self.cfg, self.workers.trainers
+        train_stats: dict = {"loss": None, "pair_accuracy": None, "train_steps": 0}
+        if len(batch) >= trainers.world:
+            t = cfg.train
+            steps = steps_per_rank(len(batch), trainers.world, t.micro_batch_size, t.epochs)
+            progress = self.bar(f"iteration {it}: training {cfg.algorithm.name} (optimizer steps)", steps)
+            batch_ref = ray.put(batch)
+            per_rank = self.get(trainers.call("train", batch_ref, it, progress), "training", progress)
+            train_stats = _merge_rank_stats(per_rank)
+        apo_step = None
+        if self.algorithm.extrapolate:
+            apo_step = self.get(trainers.call("extrapolate", cfg.algorithm.apo_alpha), "APO extrapolation")[0]
+        return train_stats, apo_step
 
     def run(self) -> list[dict]:
         from pipeline.checkpoint import save_checkpoint

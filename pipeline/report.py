@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import os
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -316,15 +317,7 @@ class Reporter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(rundir.root / "tensorboard"))
-        self.wandb = None
-        if cfg.wandb:
-            try:
-                import wandb
-
-                os.environ.setdefault("WANDB_MODE", "offline")
-                self.wandb = wandb.init(dir=str(rundir.root), config=cfg.model_dump(mode="json"))
-            except ImportError:
-                console.log("wandb=true but wandb is not installed; skipping W&B logging")
+        self.wandb = _init_wandb(rundir, cfg, console) if cfg.wandb else None
 
     def iteration_done(self, row: dict) -> None:
         self.console.iteration_done(row)
@@ -342,3 +335,26 @@ class Reporter:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _init_wandb(rundir: RunDir, cfg, console):
+    """A W&B run in `OUTPUT_DIR/wandb/`, offline unless WANDB_MODE says otherwise; a resumed run keeps
+    its W&B id (stored in `OUTPUT_DIR/wandb_id`), so `wandb sync` joins the pieces into one run."""
+    try:
+        import wandb
+    except ImportError:
+        console.log("wandb=true but wandb is not installed (pip install wandb); skipping W&B logging")
+        return None
+    id_file = rundir.root / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+    id_file.write_text(run_id)
+    return wandb.init(
+        dir=str(rundir.root),
+        project=cfg.wandb_project,
+        name=rundir.root.name,
+        id=run_id,
+        resume="allow",
+        mode=os.environ.get("WANDB_MODE", "offline"),
+        config=cfg.model_dump(mode="json"),
+        settings=wandb.Settings(quiet=True),
+    )

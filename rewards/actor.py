@@ -13,6 +13,7 @@ import statistics
 import numpy as np
 
 from pipeline.config import AlgorithmConfig, RewardConfig, SelectionConfig
+from pipeline.progress import Ticker
 from pipeline.records import PreferenceBatch, PreferenceGroup, Rollout
 from rewards.pairs import PAIR_RULES
 from rewards.scorers import make_scorer, score
@@ -83,8 +84,17 @@ class RewardWorker:
         return select_prompts(scores, self.selection.rho, self.selection.mode, rng)
 
     # ------------------------------------------------------------ scoring
-    def _score(self, texts: list[str], references: list, prompts: list[str], rollouts: list[Rollout]) -> list[float]:
-        rewards = score(self.name, self.fn, prompts, texts, references)
+    def _score(
+        self, texts: list[str], references: list, prompts: list[str], rollouts: list[Rollout], tick: Ticker
+    ) -> list[float]:
+        """Scores in chunks of 8 reward batches, so that the progress bar moves while a model scores."""
+        chunk = self.cfg.batch_size * 8
+        rewards: list[float] = []
+        for s in range(0, len(texts), chunk):
+            rewards += score(
+                self.name, self.fn, prompts[s : s + chunk], texts[s : s + chunk], references[s : s + chunk]
+            )
+            tick(len(texts[s : s + chunk]))
         if self.cfg.missing_eos_penalty is not None:
             rewards = [
                 r + self.cfg.missing_eos_penalty if ro.finish_reason == "length" else r
@@ -92,16 +102,20 @@ class RewardWorker:
             ]
         return rewards
 
-    def score_rollouts(self, rollouts: list[Rollout], split: str = "train") -> list[float]:
-        """Scores in the order given; `split` says which prompt set the indices refer to."""
+    def score_rollouts(
+        self, rollouts: list[Rollout], split: str = "train", progress: Ticker | None = None
+    ) -> list[float]:
+        """Scores in the order given; `split` says which prompt set the indices refer to; `progress`
+        counts scored responses."""
         data = self.train if split == "train" else self.eval
         prompts = [data["texts"][r.prompt_index] for r in rollouts]
         refs = [data["references"][r.prompt_index] for r in rollouts]
-        return self._score([r.text for r in rollouts], refs, prompts, rollouts)
+        with progress or Ticker(None, "") as tick:
+            return self._score([r.text for r in rollouts], refs, prompts, rollouts, tick)
 
-    def ingest(self, rollouts: list[Rollout], iteration: int) -> dict:
+    def ingest(self, rollouts: list[Rollout], iteration: int, progress: Ticker | None = None) -> dict:
         """Score new train rollouts, add them to their prompts' pools and rebuild those prompts' groups."""
-        rewards = self.score_rollouts(rollouts, "train")
+        rewards = self.score_rollouts(rollouts, "train", progress)
         touched = []
         for r, reward in zip(rollouts, rewards, strict=True):
             r.reward, r.iteration = reward, iteration

@@ -8,8 +8,10 @@ prompt stay independent (one request with n > 1 and a fixed seed gave correlated
 
 from __future__ import annotations
 
+import io
 import os
 
+from pipeline.progress import Ticker
 from pipeline.records import Rollout
 
 # Keep the engine core inside this process (what a Ray actor wants), and keep it offline.
@@ -27,6 +29,25 @@ ENGINE_ENV = {
 
 def sample_seed(seed: int, iteration: int, prompt_index: int, sample: int) -> int:
     return (seed * 1_000_003 + iteration * 10_007 + prompt_index * 101 + sample) % (2**31 - 1)
+
+
+def counting_tqdm(tick: Ticker):
+    """A tqdm class for vLLM's `use_tqdm` that draws nowhere and forwards each finished request to `tick`."""
+    from tqdm import tqdm
+
+    class CountingTqdm(tqdm):
+        def __init__(self, *args, **kwargs) -> None:
+            # vLLM also wraps the prompts it renders (an iterable): only the finished-requests bar counts
+            self.counts = not args and kwargs.get("iterable") is None
+            kwargs["file"] = io.StringIO()
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            if self.counts:
+                tick(int(n or 0))
+            return super().update(n)
+
+    return CountingTqdm
 
 
 class RolloutWorker:
@@ -74,8 +95,11 @@ class RolloutWorker:
         max_new_tokens: int,
         seed: int,
         iteration: int,
+        progress: Ticker | None = None,
     ) -> list[Rollout]:
-        """n samples per prompt, one request each; temperature 0 gives one greedy answer per prompt."""
+        """n samples per prompt, one request each; temperature 0 gives one greedy answer per prompt.
+
+        `progress` counts finished responses (the driver's progress bar)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -94,7 +118,9 @@ class RolloutWorker:
                     )
                 )
                 owners.append(idx)
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        with progress or Ticker(None, "") as tick:
+            bar = counting_tqdm(tick) if progress is not None else False
+            outputs = self.llm.generate(requests, params, use_tqdm=bar)
         rollouts = []
         for idx, out in zip(owners, outputs, strict=True):
             o = out.outputs[0]

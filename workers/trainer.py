@@ -23,6 +23,7 @@ import statistics
 import torch
 
 from pipeline.config import AlgorithmConfig, TrainConfig
+from pipeline.progress import Ticker
 from pipeline.records import PreferenceBatch, PreferenceGroup
 from workers.logprobs import batched_sequence_logprobs, sequence_logprobs
 from workers.losses import LossInputs, get_algorithm
@@ -35,6 +36,12 @@ def shard_for_rank(groups: list[PreferenceGroup], rank: int, world: int) -> list
     same number of collective steps)."""
     usable = len(groups) - len(groups) % world
     return groups[:usable][rank::world]
+
+
+def steps_per_rank(n_groups: int, world: int, micro_batch_size: int, epochs: int) -> int:
+    """Optimizer steps each rank runs on `n_groups` groups (for the driver's progress bar)."""
+    shard = (n_groups - n_groups % world) // world
+    return epochs * -(-shard // micro_batch_size)
 
 
 def ds_config(train: TrainConfig, world: int) -> dict:
@@ -149,8 +156,10 @@ class TrainerWorker:
         responses = [r for g in groups for r in g.responses]
         return prompts, responses
 
-    def train(self, batch: PreferenceBatch, iteration: int) -> dict:
-        """Train one iteration on this rank's shard; returns per-rank metrics (the driver averages)."""
+    def train(self, batch: PreferenceBatch, iteration: int, progress: Ticker | None = None) -> dict:
+        """Train one iteration on this rank's shard; returns per-rank metrics (the driver averages).
+
+        Rank 0 counts its optimizer steps on `progress` (every rank runs the same number)."""
         import deepspeed
 
         shard = shard_for_rank(batch.groups, self.rank, self.world)
@@ -173,6 +182,7 @@ class TrainerWorker:
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=ds_config(self.train_cfg, self.world),
         )
+        tick = progress if progress is not None and self.rank == 0 else Ticker(None, "")
         order = list(range(len(shard)))
         mb = self.train_cfg.micro_batch_size
         losses: list[float] = []
@@ -198,9 +208,11 @@ class TrainerWorker:
                 loss = per_item.mean()
                 engine.backward(loss)
                 engine.step()
+                tick()
                 losses.append(float(loss.detach()))
                 for key, val in item_stats.items():
                     stats.setdefault(key, []).extend(val.float().cpu().tolist())
+        tick.flush()
         self.weights = self._gather(engine)
         del engine, model
         gc.collect()
