@@ -50,6 +50,17 @@ def shared_workers(base_overrides: list[str]):
         ray.shutdown()
 
 
+def best_of(fn, repeats: int = 5) -> float:
+    """Fastest of `repeats` timed calls (after one warm-up): the usual way to time a short operation."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def write_section(title: str, body: str) -> None:
     """Replace (or append) one `## title` section of BENCHMARKS.md."""
     path = ROOT / "BENCHMARKS.md"

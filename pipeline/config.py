@@ -73,6 +73,9 @@ class RolloutConfig(_Section):
     num_gpus: float = Field(0.0, ge=0.0)
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
     kv_cache_mb: int = Field(256, ge=16)
+    # CPU engines: torch threads of each engine. Default: the node's cores / num_engines, since the
+    # loop's stages run one after another (Ray would otherwise give the engine num_cpus threads).
+    cpu_threads: int | None = Field(None, ge=1)
 
 
 class RewardConfig(_Section):
@@ -133,6 +136,8 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     epochs: int = Field(2, ge=1)
     micro_batch_size: int = Field(16, ge=1)
+    # Cut micro-batches from length-sorted windows (little padding; batch order stays random).
+    group_by_length: bool = True
     grad_clip: float = Field(1.0, gt=0.0)
     num_cpus: float = Field(0.5, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -13,14 +14,14 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def wandb_history(run_file: Path) -> list[dict]:
-    """The `history` records of a W&B transaction log (LevelDB log format: 32 KiB blocks of
-    crc32 | length | type records after a 7-byte `:W&B` header; payloads are protobuf `Record`s)."""
+def wandb_records(run_file: Path) -> list:
+    """The protobuf `Record`s of a W&B transaction log (LevelDB log format: 32 KiB blocks of
+    crc32 | length | type records after a 7-byte `:W&B` header)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = run_file.read_bytes()
     assert data[:4] == b":W&B"
-    pos, block, payload, rows = 7, 32768, b"", []
+    pos, block, payload, records = 7, 32768, b"", []
     while pos + 7 <= len(data):
         left = block - pos % block
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
@@ -33,9 +34,23 @@ def wandb_history(run_file: Path) -> list[dict]:
         if kind in (1, 4):
             record = pb.Record()
             record.ParseFromString(payload)
-            if record.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
-    return rows
+            records.append(record)
+    return records
+
+
+def wandb_history(run_file: Path, timeout_s: float = 60.0) -> list[dict]:
+    """The logged rows, once W&B's background process has written the run's `exit` record."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = wandb_records(run_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    return [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
 
 
 @pytest.fixture(scope="module")

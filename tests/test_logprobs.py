@@ -48,3 +48,35 @@ def test_pack_marks_only_response_targets():
     assert attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     # target[i, t] says whether ids[i, t + 1] is a response token
     assert target.tolist() == [[False, False, True, True], [True, True, True, False]]
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_micro_batches_partition_every_item_once(grouped):
+    import random
+
+    from workers.trainer import micro_batches
+
+    widths = [random.Random(i).randint(5, 200) for i in range(203)]
+    batches = micro_batches(widths, 8, random.Random(0), grouped)
+    assert sorted(i for b in batches for i in b) == list(range(203))
+    assert sorted(len(b) for b in batches) == [3] + [8] * 25  # 203 = 25 * 8 + 3
+    # deterministic for a seed, different across seeds
+    assert micro_batches(widths, 8, random.Random(0), grouped) == batches
+    assert micro_batches(widths, 8, random.Random(1), grouped) != batches
+
+
+def test_group_by_length_pads_less_and_keeps_order_random():
+    import random
+
+    from workers.trainer import micro_batches
+
+    widths = [random.Random(i).randint(5, 200) for i in range(256)]
+
+    def padding(batches):
+        return sum(max(widths[i] for i in b) * len(b) - sum(widths[i] for i in b) for b in batches)
+
+    grouped = micro_batches(widths, 8, random.Random(0), True)
+    plain = micro_batches(widths, 8, random.Random(0), False)
+    assert padding(grouped) < 0.3 * padding(plain)
+    firsts = [max(widths[i] for i in b) for b in grouped]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)  # not globally sorted

@@ -10,6 +10,7 @@ backend does.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,4 +83,30 @@ def buckets(named: dict, bucket_bytes: int) -> list[tuple[list[str], list]]:
         size += nbytes
     if names:
         out.append((names, tensors))
+    return out
+
+
+def to_wire(named: dict) -> dict[str, tuple[Any, str]]:
+    """CPU tensors as numpy views (no copy) for Ray: the object store takes numpy buffers with a single
+    copy and hands them to readers on the node without another, which pickled torch tensors do not get.
+    bf16 has no numpy dtype and travels as its int16 bits."""
+    import torch
+
+    out = {}
+    for name, t in named.items():
+        t = t.detach().contiguous()
+        out[name] = (t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy(), str(t.dtype))
+    return out
+
+
+def from_wire(wire: dict[str, tuple[Any, str]]) -> dict:
+    """Tensors viewing `to_wire`'s arrays (read-only views into the object store; vLLM copies from them)."""
+    import torch
+
+    out = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, (array, dtype) in wire.items():
+            t = torch.from_numpy(array)
+            out[name] = t.view(torch.bfloat16) if dtype == "torch.bfloat16" else t
     return out

@@ -62,6 +62,9 @@ class RolloutWorker:
 
             cpu_transfer.register()
             kwargs["kv_cache_memory_bytes"] = int(rollout_cfg["kv_cache_mb"]) * 2**20
+            # before vLLM pins the thread count; Ray set it to the actor's num_cpus
+            engines = rollout_cfg.get("num_engines", 1)
+            torch.set_num_threads(rollout_cfg.get("cpu_threads") or max(1, (os.cpu_count() or 1) // engines))
             kwargs["weight_transfer_config"] = {"backend": cpu_transfer.BACKEND}
             # Chunked prefill rewinds seeded samplers with Generator.set_offset, which CPU generators lack
             # ("CPU Generator does not use offset"): prefill whole prompts instead.
@@ -166,10 +169,12 @@ class RolloutWorker:
         self.llm.finish_weight_update()
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
-    def load_weights(self, named_tensors: dict, bucket_mb: int = 256) -> int:
-        """CPU sync path: HF-named tensors, bucketed, through the same lifecycle (`onalign_cpu` backend)."""
-        from workers.cpu_transfer import buckets
+    def load_weights(self, wire: dict, bucket_mb: int = 256) -> int:
+        """CPU sync path: HF-named tensors (`cpu_transfer.to_wire` form), bucketed, through the same
+        lifecycle (`onalign_cpu` backend)."""
+        from workers.cpu_transfer import buckets, from_wire
 
+        named_tensors = from_wire(wire)
         self.start_weight_update()
         for names, tensors in buckets(named_tensors, bucket_mb * 2**20):
             self.update_weights({"update_info": {"names": names, "tensors": tensors}})

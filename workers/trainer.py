@@ -38,10 +38,51 @@ def shard_for_rank(groups: list[PreferenceGroup], rank: int, world: int) -> list
     return groups[:usable][rank::world]
 
 
+def release(engine) -> None:
+    """Free an iteration's DeepSpeed engine for good: `destroy()` drops the gradient hooks that keep the
+    model and optimizer alive (without it every iteration leaked one engine), then the heap is trimmed so
+    the next iteration's engine reuses the memory."""
+    engine.destroy()
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def steps_per_rank(n_groups: int, world: int, micro_batch_size: int, epochs: int) -> int:
     """Optimizer steps each rank runs on `n_groups` groups (for the driver's progress bar)."""
     shard = (n_groups - n_groups % world) // world
     return epochs * -(-shard // micro_batch_size)
+
+
+def micro_batches(widths: list[int], size: int, rng: random.Random, group_by_length: bool = True) -> list[list[int]]:
+    """One epoch's micro-batches of indices into `widths` (each item's padded width), in random order.
+
+    With `group_by_length` (HF's LengthGroupedSampler idea) each shuffled window of 8 micro-batches is
+    sorted by width before it is cut, so a micro-batch holds similar lengths and pads little; the
+    micro-batches are then shuffled, so the order stays random."""
+    order = list(range(len(widths)))
+    rng.shuffle(order)
+    if group_by_length:
+        window = size * 8
+        order = [
+            i
+            for s in range(0, len(order), window)
+            for i in sorted(order[s : s + window], key=lambda i: widths[i], reverse=True)
+        ]
+    batches = [order[s : s + size] for s in range(0, len(order), size)]
+    if group_by_length:
+        rng.shuffle(batches)
+    return batches
 
 
 def ds_config(train: TrainConfig, world: int) -> dict:
@@ -104,6 +145,7 @@ class TrainerWorker:
         deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", timeout=timedelta(seconds=timeout_s))
         self.rank, self.world = rank, world
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        self.rss_start_mb = _peak_rss_mb()
 
     # ------------------------------------------------------------ run set-up
     def setup(self, model_path: str, train: dict, algorithm: dict, seed: int, trust_remote_code: bool = False) -> int:
@@ -183,14 +225,13 @@ class TrainerWorker:
             config=ds_config(self.train_cfg, self.world),
         )
         tick = progress if progress is not None and self.rank == 0 else Ticker(None, "")
-        order = list(range(len(shard)))
+        widths = [len(g.prompt_ids) + max(map(len, g.responses)) for g in shard]
         mb = self.train_cfg.micro_batch_size
         losses: list[float] = []
         stats: dict[str, list[float]] = {}
         for epoch in range(self.train_cfg.epochs):
-            random.Random(hash((self.seed, iteration, epoch))).shuffle(order)
-            for start in range(0, len(order), mb):
-                idx = order[start : start + mb]
+            rng = random.Random(hash((self.seed, iteration, epoch)))
+            for idx in micro_batches(widths, mb, rng, self.train_cfg.group_by_length):
                 groups = [shard[i] for i in idx]
                 logps, lengths = sequence_logprobs(engine, *self._flatten(groups), self.pad_id)
                 inputs = LossInputs(
@@ -214,8 +255,8 @@ class TrainerWorker:
                     stats.setdefault(key, []).extend(val.float().cpu().tolist())
         tick.flush()
         self.weights = self._gather(engine)
+        release(engine)
         del engine, model
-        gc.collect()
         out = {"steps": len(losses), "trained_pairs": len(shard), "loss": statistics.fmean(losses)}
         out.update({k: statistics.fmean(v) for k, v in stats.items()})
         if "pair_weight" in stats:
@@ -256,11 +297,10 @@ class TrainerWorker:
         self.weights = new
         return step_sq**0.5
 
-    def peak_rss_mb(self) -> float:
-        """Peak resident memory of this rank's process (benchmarks)."""
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    def memory_mb(self) -> dict[str, float]:
+        """Resident memory of this rank's process (benchmarks): after start-up (libraries loaded, no model)
+        and the peak so far."""
+        return {"start": self.rss_start_mb, "peak": _peak_rss_mb()}
 
     # ------------------------------------------------------------ weights out
     def init_nccl_sync(self, engines: list, world_size: int, dtype: str) -> None:
@@ -286,6 +326,12 @@ class TrainerWorker:
 
     def get_weights(self) -> StateDict:
         return self.weights
+
+    def weights_for_sync(self) -> dict:
+        """The current weights for the CPU sync path, as zero-copy numpy views (`cpu_transfer.to_wire`)."""
+        from workers.cpu_transfer import to_wire
+
+        return to_wire(self.weights)
 
     def get_trained_prev(self) -> StateDict:
         return self.trained_prev

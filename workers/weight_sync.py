@@ -4,8 +4,8 @@
   run (`init_nccl_sync`), then each sync is one packed, bucketed broadcast driven by vLLM's
   `NCCLTrainerWeightTransferEngine` while the engines run `update_weights` (`send_weights`).
 - `cpu` (`workers.cpu_transfer`, registered into vLLM's `WeightTransferEngineFactory`): rank 0's full
-  HF-named state dict goes through Ray's object store (read zero-copy by every engine on the node) and is
-  loaded bucket by bucket with the same start/update/finish lifecycle.
+  HF-named state dict goes through Ray's object store as numpy buffers (one copy in, read zero-copy by
+  every engine on the node) and is loaded bucket by bucket with the same start/update/finish lifecycle.
 """
 
 from __future__ import annotations
@@ -33,5 +33,5 @@ def sync_weights(trainers: TrainerGroup, engines: list, cfg: SyncConfig, backend
     """Start the sync; returns refs that resolve when every engine holds the new weights."""
     if backend == "nccl":
         return [trainers.call_rank0("send_weights")]
-    weights_ref = trainers.call_rank0("get_weights")
+    weights_ref = trainers.call_rank0("weights_for_sync")
     return [e.load_weights.remote(weights_ref, cfg.bucket_mb) for e in engines]

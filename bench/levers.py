@@ -1,0 +1,194 @@
+"""Which levers helped: each one switched off alone, against everything on, measured in the same run.
+
+    .venv/bin/python bench/levers.py
+
+Training levers (DPO, the bench model of bench/throughput.py, one process with 2 threads per variant so
+that each peak RSS is its own; the variants use the trainer's own code: `sequence_logprobs`,
+`batched_sequence_logprobs`, `micro_batches`, `dpo_loss`):
+- concat:      one forward over chosen + rejected (2B sequences) vs two forwards of B;
+- ref_precompute: reference log-probs once per iteration (no-grad, length-sorted), reference model
+               dropped before training vs a resident reference model run at every micro-batch;
+- group_by_length: micro-batches cut from length-sorted windows vs uniformly random micro-batches.
+Sync lever (the vLLM actor, through Ray, as in P3):
+- bucketed sync: the state dict in one object-store transfer, loaded in 256 MB buckets vs one Ray call
+               per tensor.
+Every ratio is (variant with the lever off) / (all levers on): above 1.0x for time or memory means the
+lever helped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+
+from common import best_of, machine, write_section
+from throughput import bench_model, make_pairs
+
+N_PAIRS, MICRO_BATCH, EPOCHS = 96, 8, 2
+RESPONSE_CHARS = (4, 120)  # a wide length spread, as in real preference data
+VARIANTS = {
+    "all levers on": {},
+    "concat off (two forwards)": {"concat": False},
+    "ref_precompute off (resident reference)": {"ref_precompute": False},
+    "group_by_length off (random micro-batches)": {"group_by_length": False},
+}
+
+
+def train_variant(concat: bool = True, ref_precompute: bool = True, group_by_length: bool = True) -> dict:
+    """One DPO iteration (EPOCHS epochs) over the bench pairs with the given levers; tokens/s and peak RSS."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.config import AlgorithmConfig
+    from workers.logprobs import batched_sequence_logprobs, sequence_logprobs
+    from workers.losses import LossInputs, dpo_loss
+    from workers.trainer import micro_batches
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    path = bench_model()
+    tok = AutoTokenizer.from_pretrained(path)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rows = make_pairs(tok, N_PAIRS, response_chars=RESPONSE_CHARS)
+    prompts = [enc(r["prompt"]) for r in rows]
+    chosen = [enc(r["chosen"]) + [tok.eos_token_id] for r in rows]
+    rejected = [enc(r["rejected"]) + [tok.eos_token_id] for r in rows]
+    pad = tok.pad_token_id
+    cfg = AlgorithmConfig(name="dpo", beta=0.1)
+    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    t0 = time.perf_counter()
+    ref_all = None
+    if ref_precompute:
+        lp, _ = batched_sequence_logprobs(reference, prompts + prompts, chosen + rejected, pad)
+        ref_all = torch.stack([lp[:N_PAIRS], lp[N_PAIRS:]], dim=1)
+        del reference
+    optim = torch.optim.AdamW(policy.parameters(), lr=5e-4, foreach=False)
+    widths = [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
+    real = padded = 0
+    for epoch in range(EPOCHS):
+        for idx in micro_batches(widths, MICRO_BATCH, random.Random(epoch), group_by_length):
+            p = [prompts[i] for i in idx]
+            c, r = [chosen[i] for i in idx], [rejected[i] for i in idx]
+            if concat:
+                lp, ln = sequence_logprobs(policy, p + p, c + r, pad)
+                logps, lengths = (
+                    torch.stack([lp[: len(idx)], lp[len(idx) :]], 1),
+                    torch.stack([ln[: len(idx)], ln[len(idx) :]], 1),
+                )
+            else:
+                (lc, nc), (lr, nr) = sequence_logprobs(policy, p, c, pad), sequence_logprobs(policy, p, r, pad)
+                logps, lengths = torch.stack([lc, lr], 1), torch.stack([nc, nr], 1)
+            if ref_all is not None:
+                ref = ref_all[idx]
+            else:
+                with torch.no_grad():
+                    ref = torch.stack(
+                        [sequence_logprobs(reference, p, c, pad)[0], sequence_logprobs(reference, p, r, pad)[0]], 1
+                    )
+            loss, _ = dpo_loss(LossInputs(logps, lengths, torch.tensor([[1.0, 0.0]] * len(idx)), ref), cfg)
+            optim.zero_grad()
+            loss.mean().backward()
+            optim.step()
+            forwards = [(p + p, c + r)] if concat else [(p, c), (p, r)]
+            for xs, ys in forwards:
+                seqs = [len(x) + len(y) for x, y in zip(xs, ys, strict=True)]
+                real += sum(seqs)
+                padded += max(seqs) * len(seqs)
+    secs = time.perf_counter() - t0
+    return {
+        "tokens_per_s": real / secs,
+        "seconds": secs,
+        "pad_fraction": 1 - real / padded,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    }
+
+
+def run_variant(levers: dict) -> dict:
+    res = subprocess.run(
+        [sys.executable, __file__, "--variant", json.dumps(levers)], capture_output=True, text=True, timeout=1800
+    )
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-3000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def sync_lever() -> tuple[float, float, int]:
+    """Seconds per sync: bucketed object-store transfer vs one Ray call per tensor (same engine, same weights)."""
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from workers.cpu_transfer import to_wire
+    from workers.rollout import ENGINE_ENV, RolloutWorker
+
+    path = bench_model()
+    weights = {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1 << 30)
+    rollout_cfg = {"kv_cache_mb": 256, "max_model_len": 512, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.5}
+    engine = (
+        ray.remote(RolloutWorker).options(num_cpus=1, runtime_env={"env_vars": ENGINE_ENV}).remote(path, rollout_cfg)
+    )
+    ray.get(engine.ready.remote())
+
+    def bucketed() -> None:
+        ray.get(engine.load_weights.remote(ray.put(to_wire(weights)), 256))
+
+    def per_tensor() -> None:
+        ray.get(engine.start_weight_update.remote())
+        ray.get(
+            [engine.update_weights.remote({"update_info": {"names": [k], "tensors": [v]}}) for k, v in weights.items()]
+        )
+        ray.get(engine.finish_weight_update.remote())
+
+    out = [best_of(bucketed), best_of(per_tensor)]
+    ray.shutdown()
+    return out[0], out[1], len(weights)
+
+
+def main() -> None:
+    results = {name: run_variant(levers) for name, levers in VARIANTS.items()}
+    results["all levers on (again)"] = run_variant({})  # run-to-run noise of the baseline itself
+    base = results["all levers on"]
+    rows = []
+    for name, r in results.items():
+        rows.append(
+            f"| {name} | {r['tokens_per_s']:.0f} | {base['tokens_per_s'] / r['tokens_per_s']:.2f}x | "
+            f"{r['pad_fraction']:.0%} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x |"
+        )
+    bucketed_s, per_tensor_s, n_tensors = sync_lever()
+    body = (
+        f"Command: `.venv/bin/python bench/levers.py` ({datetime.date.today()}, {machine()}).\n\n"
+        f"Training: DPO on the bench model (13.2M parameters, fp32), {N_PAIRS} pairs, micro-batch {MICRO_BATCH}, "
+        f"{EPOCHS} epochs, responses {RESPONSE_CHARS[0]}-{RESPONSE_CHARS[1]} characters; each variant in its own "
+        "process (2 threads), switching one lever off. Time ratio = time of the variant / time with every lever "
+        "on (above 1.00x: the lever helped); the second 'all levers on' row is the run-to-run noise.\n\n"
+        "| variant | tokens/s | time vs all on | padding | peak RSS MiB | RSS vs all on |\n|---|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + f"\n\nSync: {n_tensors} tensors into the vLLM actor through Ray; bucketed (one object-store transfer, "
+        f"256 MB buckets) {bucketed_s * 1e3:.0f} ms vs one Ray call per tensor {per_tensor_s * 1e3:.0f} ms: "
+        f"**{per_tensor_s / bucketed_s:.2f}x** faster bucketed."
+    )
+    write_section("Which levers helped (bench/levers.py)", body)
+    print(body)
+    parts = [f"{name}: {base['tokens_per_s'] / r['tokens_per_s']:.2f}x time" for name, r in results.items()]
+    print(
+        "levers (time with the lever off / all on): "
+        + "; ".join(parts)
+        + f"; bucketed sync {per_tensor_s / bucketed_s:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", help="JSON of lever switches: run one training variant and print its JSON")
+    args = ap.parse_args()
+    if args.variant is not None:
+        print(json.dumps(train_variant(**json.loads(args.variant))))
+    else:
+        main()
