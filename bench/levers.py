@@ -23,6 +23,7 @@ import datetime
 import json
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ import time
 from common import best_of, machine, write_section
 from throughput import bench_model, make_pairs
 
-N_PAIRS, MICRO_BATCH, EPOCHS = 96, 8, 2
+N_PAIRS, MICRO_BATCH, EPOCHS, ROUNDS = 64, 8, 2, 3
 RESPONSE_CHARS = (4, 120)  # a wide length spread, as in real preference data
 VARIANTS = {
     "all levers on": {},
@@ -119,8 +120,9 @@ def run_variant(levers: dict) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def sync_lever() -> tuple[float, float, int]:
-    """Seconds per sync: bucketed object-store transfer vs one Ray call per tensor (same engine, same weights)."""
+def sync_lever() -> tuple[float, float, float, int]:
+    """Seconds per sync (same engine, same weights): bucketed numpy buffers through the object store (ours) vs
+    one Ray call per tensor vs the state dict as pickled torch tensors."""
     import ray
     from transformers import AutoModelForCausalLM
 
@@ -146,41 +148,59 @@ def sync_lever() -> tuple[float, float, int]:
         )
         ray.get(engine.finish_weight_update.remote())
 
-    out = [best_of(bucketed), best_of(per_tensor)]
+    def pickled_torch() -> None:  # one bucket, but torch tensors pickled through the object store
+        ray.get(engine.start_weight_update.remote())
+        ray.get(
+            engine.update_weights.remote({"update_info": {"names": list(weights), "tensors": list(weights.values())}})
+        )
+        ray.get(engine.finish_weight_update.remote())
+
+    out = [best_of(bucketed), best_of(per_tensor), best_of(pickled_torch)]
     ray.shutdown()
-    return out[0], out[1], len(weights)
+    return out[0], out[1], out[2], len(weights)
 
 
 def main() -> None:
-    results = {name: run_variant(levers) for name, levers in VARIANTS.items()}
-    results["all levers on (again)"] = run_variant({})  # run-to-run noise of the baseline itself
-    base = results["all levers on"]
-    rows = []
-    for name, r in results.items():
+    # ROUNDS interleaved rounds (each variant once per round); the median round counts, the spread is shown
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    for _ in range(ROUNDS):
+        for name, levers in VARIANTS.items():
+            runs[name].append(run_variant(levers))
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name])
+
+    base_tps, base_rss = median("all levers on", "tokens_per_s"), median("all levers on", "peak_rss_mb")
+    rows, ratios = [], {}
+    for name in VARIANTS:
+        tps = [r["tokens_per_s"] for r in runs[name]]
+        ratios[name] = base_tps / median(name, "tokens_per_s")
         rows.append(
-            f"| {name} | {r['tokens_per_s']:.0f} | {base['tokens_per_s'] / r['tokens_per_s']:.2f}x | "
-            f"{r['pad_fraction']:.0%} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x |"
+            f"| {name} | {median(name, 'tokens_per_s'):.0f} ({min(tps):.0f}-{max(tps):.0f}) | "
+            f"**{ratios[name]:.2f}x** | {median(name, 'pad_fraction'):.0%} | {median(name, 'peak_rss_mb'):.0f} | "
+            f"{median(name, 'peak_rss_mb') / base_rss:.2f}x |"
         )
-    bucketed_s, per_tensor_s, n_tensors = sync_lever()
+    bucketed_s, per_tensor_s, pickled_s, n_tensors = sync_lever()
     body = (
         f"Command: `.venv/bin/python bench/levers.py` ({datetime.date.today()}, {machine()}).\n\n"
         f"Training: DPO on the bench model (13.2M parameters, fp32), {N_PAIRS} pairs, micro-batch {MICRO_BATCH}, "
         f"{EPOCHS} epochs, responses {RESPONSE_CHARS[0]}-{RESPONSE_CHARS[1]} characters; each variant in its own "
-        "process (2 threads), switching one lever off. Time ratio = time of the variant / time with every lever "
-        "on (above 1.00x: the lever helped); the second 'all levers on' row is the run-to-run noise.\n\n"
+        f"process (2 threads), switching one lever off; {ROUNDS} interleaved rounds, medians (tokens/s range in "
+        "brackets). Time ratio = time of the variant / time with every lever on: above 1.00x, the lever helped.\n\n"
         "| variant | tokens/s | time vs all on | padding | peak RSS MiB | RSS vs all on |\n|---|---|---|---|---|---|\n"
         + "\n".join(rows)
-        + f"\n\nSync: {n_tensors} tensors into the vLLM actor through Ray; bucketed (one object-store transfer, "
-        f"256 MB buckets) {bucketed_s * 1e3:.0f} ms vs one Ray call per tensor {per_tensor_s * 1e3:.0f} ms: "
-        f"**{per_tensor_s / bucketed_s:.2f}x** faster bucketed."
+        + f"\n\nSync ({n_tensors} tensors, 53 MB, into the vLLM actor through Ray, best of 5): ours (numpy buffers in "
+        f"one object-store transfer, 256 MB buckets) {bucketed_s * 1e3:.0f} ms; one Ray call per tensor "
+        f"{per_tensor_s * 1e3:.0f} ms (**{per_tensor_s / bucketed_s:.2f}x** slower); one transfer of pickled torch "
+        f"tensors {pickled_s * 1e3:.0f} ms (**{pickled_s / bucketed_s:.2f}x** slower)."
     )
     write_section("Which levers helped (bench/levers.py)", body)
     print(body)
-    parts = [f"{name}: {base['tokens_per_s'] / r['tokens_per_s']:.2f}x time" for name, r in results.items()]
+    parts = [f"{name.split(' (')[0]} {r:.2f}x" for name, r in ratios.items() if name != "all levers on"]
     print(
-        "levers (time with the lever off / all on): "
-        + "; ".join(parts)
-        + f"; bucketed sync {per_tensor_s / bucketed_s:.2f}x"
+        "time with the lever off / all on: "
+        + ", ".join(parts)
+        + f"; sync per tensor {per_tensor_s / bucketed_s:.2f}x, pickled torch {pickled_s / bucketed_s:.2f}x"
     )
 
 
