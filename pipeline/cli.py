@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. iterations=4 algorithm.name=ipo")
     run.add_argument("--resume", action="store_true", help="continue from the last complete iteration in output_dir")
     run.add_argument("--dry-run", action="store_true", help="validate and print the resource plan; start nothing")
-    run.add_argument("--quiet", action="store_true", help="plain log lines, no progress display")
+    run.add_argument("--quiet", action="store_true", help="plain log lines: no progress display, no actor output")
     rep = sub.add_parser("report", help="rebuild the report of one run, or compare several")
     rep.add_argument("runs", nargs="+", help="run directories")
     rep.add_argument("--out", help="where to write (default: the run dir; required for several runs)")

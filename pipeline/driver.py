@@ -84,15 +84,18 @@ def init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
+    # quiet: the actors' own output (vLLM, DeepSpeed) stays in Ray's log files, out of the console/job logs
+    log_to_driver = not cfg.quiet
     if os.environ.get("RAY_ADDRESS"):
         # Under `ray job submit` the job's runtime env (working dir, env vars) applies: do not replace it.
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
     else:
         ray.init(
             num_cpus=cfg.ray_num_cpus or os.cpu_count(),
             include_dashboard=False,
             object_store_memory=1 << 30,
             runtime_env=env,
+            log_to_driver=log_to_driver,
         )
 
 

@@ -121,7 +121,10 @@ def test_submit_run_to_success_then_stop_mid_run(head, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
-    assert "done: 2 iterations" in ray_job(head, "logs", job).stdout
+    job_logs = ray_job(head, "logs", job).stdout
+    assert "done: 2 iterations" in job_logs
+    # --quiet: one line per iteration, none of the actors' own output (it stays in Ray's log files)
+    assert "pid=" not in job_logs and "RolloutWorker" not in job_logs, job_logs[-2000:]
 
     out2 = tmp_path / "job2"
     job2 = submit(head, out2, 50)
