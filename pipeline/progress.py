@@ -27,9 +27,10 @@ class ProgressBoard:
 
 
 class Ticker:
-    """Worker side: counts units for one key; sends them at most every `every_s` and on `close`."""
+    """Worker side: counts units for one key; sends them at most every `every_s` and on `flush` (or when
+    its `with` block ends). `Ticker()` (no board) counts nothing."""
 
-    def __init__(self, board, key: str, every_s: float = 0.2) -> None:
+    def __init__(self, board=None, key: str = "", every_s: float = 0.2) -> None:
         self.board, self.key, self.every_s = board, key, every_s
         self.pending = 0
         self.last = time.monotonic()

@@ -91,10 +91,9 @@ class RewardWorker:
         chunk = self.cfg.batch_size * 8
         rewards: list[float] = []
         for s in range(0, len(texts), chunk):
-            rewards += score(
-                self.name, self.fn, prompts[s : s + chunk], texts[s : s + chunk], references[s : s + chunk]
-            )
-            tick(len(texts[s : s + chunk]))
+            part = slice(s, s + chunk)
+            rewards += score(self.name, self.fn, prompts[part], texts[part], references[part])
+            tick(len(texts[part]))
         if self.cfg.missing_eos_penalty is not None:
             rewards = [
                 r + self.cfg.missing_eos_penalty if ro.finish_reason == "length" else r
@@ -110,7 +109,7 @@ class RewardWorker:
         data = self.train if split == "train" else self.eval
         prompts = [data["texts"][r.prompt_index] for r in rollouts]
         refs = [data["references"][r.prompt_index] for r in rollouts]
-        with progress or Ticker(None, "") as tick:
+        with progress or Ticker() as tick:
             return self._score([r.text for r in rollouts], refs, prompts, rollouts, tick)
 
     def ingest(self, rollouts: list[Rollout], iteration: int, progress: Ticker | None = None) -> dict:

@@ -121,7 +121,7 @@ class RolloutWorker:
                     )
                 )
                 owners.append(idx)
-        with progress or Ticker(None, "") as tick:
+        with progress or Ticker() as tick:
             bar = counting_tqdm(tick) if progress is not None else False
             outputs = self.llm.generate(requests, params, use_tqdm=bar)
         rollouts = []

@@ -19,6 +19,7 @@ import gc
 import os
 import random
 import statistics
+from typing import TypeVar
 
 import torch
 
@@ -29,9 +30,10 @@ from workers.logprobs import batched_sequence_logprobs, sequence_logprobs
 from workers.losses import LossInputs, get_algorithm
 
 StateDict = dict[str, torch.Tensor]
+T = TypeVar("T")
 
 
-def shard_for_rank(groups: list[PreferenceGroup], rank: int, world: int) -> list[PreferenceGroup]:
+def shard_for_rank(groups: list[T], rank: int, world: int) -> list[T]:
     """Equal-sized strided shards (the remainder of len % world is dropped so that every rank runs the
     same number of collective steps)."""
     usable = len(groups) - len(groups) % world
@@ -60,7 +62,7 @@ def _peak_rss_mb() -> float:
 
 def steps_per_rank(n_groups: int, world: int, micro_batch_size: int, epochs: int) -> int:
     """Optimizer steps each rank runs on `n_groups` groups (for the driver's progress bar)."""
-    shard = (n_groups - n_groups % world) // world
+    shard = len(shard_for_rank(list(range(n_groups)), 0, world))
     return epochs * -(-shard // micro_batch_size)
 
 
@@ -224,7 +226,7 @@ class TrainerWorker:
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=ds_config(self.train_cfg, self.world),
         )
-        tick = progress if progress is not None and self.rank == 0 else Ticker(None, "")
+        tick = progress if progress is not None and self.rank == 0 else Ticker()
         widths = [len(g.prompt_ids) + max(map(len, g.responses)) for g in shard]
         mb = self.train_cfg.micro_batch_size
         losses: list[float] = []
