@@ -7,6 +7,7 @@ written atomically so concurrent builders never see half a model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,12 +18,33 @@ from pathlib import Path
 
 from pipeline.builtin_task import make_examples, make_words
 
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4  # 4: built on one thread with deterministic kernels
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+@contextlib.contextmanager
+def reproducible_build(seed: int):
+    """Build on one thread with deterministic kernels and a fixed seed, then restore the settings.
+
+    What a build computes then does not depend on the machine's core count (a different thread count
+    changes the order of floating-point sums, and a few hundred training steps amplify it); CPU kernels
+    that differ between machines (AVX2 / AVX-512) can still move results slightly, which the tests'
+    margins allow for."""
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def cache_root() -> Path:
@@ -149,4 +171,9 @@ def tiny_model_path(hidden: int = 128, layers: int = 2, sft_steps: int = 140, se
     key = json.dumps([BUILDER_VERSION, hidden, layers, sft_steps, seed])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     final = cache_root() / f"tiny-qwen2-h{hidden}-l{layers}-sft{sft_steps}-{digest}"
-    return cached_build(final, lambda tmp: build_tiny_model(tmp, hidden, layers, sft_steps, seed))
+
+    def build(tmp: Path) -> dict:
+        with reproducible_build(seed):
+            return build_tiny_model(tmp, hidden, layers, sft_steps, seed)
+
+    return cached_build(final, build)

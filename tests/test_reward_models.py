@@ -37,13 +37,23 @@ def direct_score(path, prompt, response) -> float:
 
 
 def test_held_out_pair_accuracy(rm_path):
+    """The tiny RM ranks the right reversal above a dropped or an extra letter, on pairs it never saw.
+
+    Measured on held-out pairs (seed 4242) for build seeds 0-3 (a seed stands in for a machine's different
+    rounding), one thread (the build pins it), 1500 steps: dropped 0.967-0.99, extra 0.957-0.987; the
+    foreign-letter kind stays near chance (0.49-0.57), so it is not asserted; mixed 0.76-0.84. Before the
+    build pinned threads, the mixed figure was 0.707-0.87 across machines. The build now also trains on
+    until the dropped/extra kinds reach 0.95 on its own validation pairs, so 0.9 holds with margin, and
+    mixed >= (2 x 0.9 + 0.4) / 3 = 0.73 even with the foreign-letter kind at its worst."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rewards.tiny_reward_model import pair_accuracy, preference_pairs
 
     model = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=torch.float32).eval()
-    acc = pair_accuracy(model, AutoTokenizer.from_pretrained(rm_path), preference_pairs(256, seed=4242))
-    assert acc > 0.8
+    tok = AutoTokenizer.from_pretrained(rm_path)
+    for kind in ("dropped", "extra"):
+        assert pair_accuracy(model, tok, preference_pairs(300, seed=4242, kind=kind)) > 0.9, kind
+    assert pair_accuracy(model, tok, preference_pairs(256, seed=4242)) > 0.72
 
 
 @pytest.mark.slow
