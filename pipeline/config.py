@@ -15,8 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.methods import METHODS
+
 BUILTIN_MODEL = "builtin:tiny"
 BUILTIN_TASK = "builtin:reverse"
+BUILTIN_ARITHMETIC_TASK = "builtin:arithmetic"  # "What is a + b?" for a real chat model (SmolLM2)
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"  # SmolLM2-135M-Instruct, fetched from PyPI and converted once
 BUILTIN_REWARD_MODEL = "builtin:tiny-rm"
 
 
@@ -103,13 +107,15 @@ class SelectionConfig(_Section):
     score: Literal["best_reward", "pair_mean"] = "best_reward"
 
 
-AlgorithmName = Literal["dpo", "ipo", "slic", "rrhf", "wdpo", "spin", "apo"]
-
-
 class AlgorithmConfig(_Section):
-    name: AlgorithmName = "dpo"
-    # initial: RLHFlow-style fixed reference; previous: SPIN/APO, the iteration's starting policy.
+    # A method of the registry in pipeline/methods.py (dpo, ipo, slic, rrhf, wdpo, spin, apo).
+    name: str = "dpo"
+    # initial: RLHFlow-style fixed reference; previous: the iteration's starting policy (SPIN and APO
+    # require it: their papers define the reference as the previous iterate).
     reference: Literal["initial", "previous"] = "previous"
+    # current: a regenerated prompt's group is built from this iteration's samples only (on-policy, as the
+    # papers train); all: from every sample the prompt has had so far (off-policy, kept as an option).
+    pair_pool: Literal["current", "all"] = "current"
     beta: float = Field(0.1, gt=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     # Per-token NLL of the chosen response added to pair losses (Iterative RPO, arXiv 2404.19733).
@@ -123,8 +129,8 @@ class AlgorithmConfig(_Section):
     slic_lambda: float = Field(0.1, ge=0.0)
     # rrhf (arXiv 2304.05302): weight of the NLL of the best response.
     rrhf_sft_weight: float = Field(1.0, ge=0.0)
-    # spin (arXiv 2401.01335): mix the previous iteration's pairs 1:1.
-    spin_mix_previous: bool = False
+    # spin (arXiv 2401.01335): train on this iteration's pairs plus the previous iteration's (the paper's recipe).
+    spin_mix_previous: bool = True
     # apo (arXiv 2410.06293): Nesterov extrapolation theta + alpha * (theta - theta_prev).
     apo_alpha: float = Field(0.3, ge=0.0)
 
@@ -148,7 +154,7 @@ class TrainConfig(_Section):
 
 
 class SyncConfig(_Section):
-    # auto: nccl when the engines have GPUs, otherwise the CPU object-store backend.
+    # auto: nccl only when both the engines and the trainers have GPUs, else the CPU object-store backend.
     backend: Literal["auto", "cpu", "nccl"] = "auto"
     bucket_mb: int = Field(256, ge=1)
 
@@ -185,13 +191,33 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         a, r = self.algorithm, self.rollout
-        if a.name in ("dpo", "ipo", "slic", "wdpo", "apo") and r.n_samples < 2:
+        method = METHODS.get(a.name)
+        if method is None:
+            close = difflib.get_close_matches(a.name, list(METHODS), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
             raise ValueError(
-                f"rollout.n_samples: algorithm '{a.name}' builds best-vs-worst pairs and needs at least 2 "
-                f"samples per prompt (got {r.n_samples}); set rollout.n_samples=4"
+                f"algorithm.name '{a.name}' is not a registered method. {hint}Choose one of: {', '.join(METHODS)}"
             )
-        if a.name == "rrhf" and r.n_samples < 2:
-            raise ValueError("rollout.n_samples: rrhf ranks k >= 2 responses per prompt; set rollout.n_samples=4")
+        if r.n_samples < method.min_samples:
+            raise ValueError(
+                f"rollout.n_samples: algorithm '{a.name}' needs at least {method.min_samples} samples per prompt "
+                f"(got {r.n_samples}); set rollout.n_samples=4"
+            )
+        if method.max_samples is not None and r.n_samples > method.max_samples:
+            raise ValueError(
+                f"rollout.n_samples: algorithm '{a.name}' pairs the ground truth with {method.max_samples} own "
+                f"generation per prompt, as its paper does (got {r.n_samples}); set rollout.n_samples={method.max_samples}"
+            )
+        if method.min_samples >= 2 and r.temperature == 0:
+            raise ValueError(
+                f"rollout.temperature=0: greedy decoding gives {a.name} identical samples, so no pair could ever be "
+                "built and no iteration would train; set rollout.temperature=1.0"
+            )
+        if method.reference == "previous" and a.reference != "previous":
+            raise ValueError(
+                f"algorithm.reference={a.reference}: {a.name}'s reference is the previous iterate by definition; "
+                "remove the setting or set algorithm.reference=previous"
+            )
         if self.selection.mode == "all" and self.selection.rho != 1.0:
             raise ValueError(
                 f"selection.rho={self.selection.rho} has no effect with selection.mode=all; "

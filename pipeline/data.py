@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from pipeline.builtin_task import make_examples
-from pipeline.config import BUILTIN_TASK, DataConfig
+from pipeline.builtin_task import make_arithmetic_examples, make_examples
+from pipeline.config import BUILTIN_ARITHMETIC_TASK, BUILTIN_TASK, DataConfig
 
 
 class DataError(ValueError):
@@ -67,6 +67,11 @@ def load_prompt_sets(cfg: DataConfig, tokenizer, seed: int) -> tuple[PromptSet, 
     """Train and eval prompt sets, rendered."""
     if cfg.train == BUILTIN_TASK:
         train_rows, eval_rows = make_examples(cfg.num_train_prompts, cfg.num_eval_prompts, seed=1234 + seed)
+    elif cfg.train == BUILTIN_ARITHMETIC_TASK:
+        try:
+            train_rows, eval_rows = make_arithmetic_examples(cfg.num_train_prompts, cfg.num_eval_prompts, 1234 + seed)
+        except ValueError as e:
+            raise DataError(f"data.train={BUILTIN_ARITHMETIC_TASK}: {e}") from None
     else:
         from pipeline.datasets_io import load_rows
 

@@ -12,13 +12,16 @@ from pathlib import Path
 
 import ray
 
-from pipeline.config import BUILTIN_MODEL, RunConfig
+from pipeline.checkpoint import ResumeError, check_fingerprint, check_resume_config, fingerprint_of, plan_resume
+from pipeline.config import BUILTIN_MODEL, BUILTIN_SMOLLM2, RunConfig
 from pipeline.console import Console
-from pipeline.data import PromptSet, load_prompt_sets
+from pipeline.data import DataError, PromptSet, load_prompt_sets
 from pipeline.loop import Loop, Workers
+from pipeline.methods import get_method
 from pipeline.rundir import RunDir, RunDirError
 from workers.actor_group import TrainerGroup
 from workers.rollout import ENGINE_ENV
+from workers.weight_sync import resolve_backend
 
 
 @dataclass
@@ -36,6 +39,10 @@ def resolve_model(cfg: RunConfig) -> str:
         from pipeline.tiny_model import tiny_model_path
 
         return str(tiny_model_path(m.tiny_hidden_size, m.tiny_layers, m.sft_steps))
+    if m.path == BUILTIN_SMOLLM2:
+        from pipeline.smollm2 import smollm2_path
+
+        return str(smollm2_path())
     p = Path(m.path)
     if p.exists():
         if not (p / "config.json").is_file():
@@ -52,16 +59,11 @@ def resolve_model(cfg: RunConfig) -> str:
 
 
 def prepare(cfg: RunConfig) -> Prepared:
-    """Every check that needs no actor."""
+    """Every check that needs no actor. Nothing in output_dir is written until all of them passed."""
     from transformers import AutoTokenizer
 
-    rundir = RunDir(cfg.output_dir)
-    rundir.prepare()
-    if not cfg.resume and rundir.read_metrics():
-        raise RunDirError(
-            f"output_dir '{rundir.root}' already holds a run (metrics.jsonl); rerun with --resume to continue it, "
-            "or choose a new output_dir"
-        )
+    rundir = _prepare_rundir(cfg)
+    changes = _plan_resume(cfg, rundir)
     if cfg.reward.kind == "function":
         from rewards.scorers import load_function
 
@@ -75,8 +77,75 @@ def prepare(cfg: RunConfig) -> Prepared:
     model_path = resolve_model(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     train, eval_set = load_prompt_sets(cfg.data, tokenizer, cfg.seed)
+    check_trainable(cfg, train, eval_set)
+    if rundir.resume_from:
+        state = rundir.load_state(rundir.resume_from)
+        check_fingerprint(
+            state, fingerprint_of(cfg, len(train), len(eval_set)), rundir.checkpoint_path(rundir.resume_from)
+        )
+    # ---- every check passed: now the directory may be written
+    if not rundir.resume_from:  # a new run (or one started over): the replaced run's records go
+        rundir.config_changes_path.unlink(missing_ok=True)
+        if not cfg.resume:
+            rundir.truncate_to(-1)  # stale samples of a run that never recorded a metrics row
     (rundir.root / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    if changes:
+        rundir.append_config_change({"iteration": rundir.resume_from + 1, "changes": changes})
     return Prepared(cfg, model_path, train, eval_set, rundir)
+
+
+def check_trainable(cfg: RunConfig, train: PromptSet, eval_set: PromptSet) -> None:
+    """Refuse data on which the configured method could never train, or an eval set that is the train set."""
+    method = get_method(cfg.algorithm.name)
+    missing = sum(1 for ids in train.sft_ids if ids is None)
+    if method.needs_sft_target and missing:
+        raise DataError(
+            f"data.train: algorithm '{method.name}' trains on each prompt's target response, but {missing} of "
+            f"{len(train)} prompts have none; give the data a '{cfg.data.response_column}' column (or set "
+            "data.response_column), or choose a method that needs no target"
+        )
+    if len(train) < cfg.train.num_workers:
+        raise DataError(
+            f"data.train: {len(train)} usable prompt(s) after filtering {train.counts}, fewer than the "
+            f"train.num_workers={cfg.train.num_workers} ranks that each need one; add prompts"
+        )
+    shared = set(train.texts) & set(eval_set.texts)
+    if cfg.data.eval is None and shared:
+        raise DataError(
+            f"data: {len(shared)} eval prompt(s) are also train prompts (e.g. {next(iter(shared))[:60]!r}); the data "
+            "has too few distinct prompts to hold some out; add distinct prompts or give data.eval"
+        )
+
+
+def _prepare_rundir(cfg: RunConfig) -> RunDir:
+    """Create output_dir (never for a resume of a directory that does not exist), prove it writable, and
+    read its records: a damaged metrics or samples file stops a fresh run as well as a resume."""
+    rundir = RunDir(cfg.output_dir)
+    if cfg.resume is True and rundir.url is None and not rundir.root.exists():
+        raise ResumeError(
+            f"output_dir '{rundir.root}' does not exist, so there is no run to resume; check the path, or drop "
+            "--resume to start a new run there"
+        )
+    rundir.prepare()
+    rundir.read_samples()
+    if not cfg.resume and (rundir.read_metrics() or rundir.complete_checkpoints()):
+        raise RunDirError(
+            f"output_dir '{rundir.where}' already holds a run (metrics.jsonl, checkpoints/); rerun with --resume to "
+            "continue it, or choose a new output_dir"
+        )
+    return rundir
+
+
+def _plan_resume(cfg: RunConfig, rundir: RunDir) -> dict:
+    """On resume: pick the checkpoint (naming and skipping damaged ones; stopping when there is none, unless
+    resume=auto) and compare the settings with the run's config.yaml. Returns the allowed changes."""
+    if not cfg.resume:
+        return {}
+    log = Console(cfg.quiet).log
+    rundir.resume_from = plan_resume(rundir, cfg, log)
+    if not rundir.resume_from:
+        return {}
+    return check_resume_config(rundir, cfg, log)
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -124,7 +193,15 @@ def start_workers(cfg: RunConfig, model_path: str) -> Workers:
         else:
             opts.update(num_cpus=r.num_cpus, num_gpus=r.num_gpus)
         engines.append(
-            ray.remote(_rollout_cls()).options(**opts).remote(model_path, r.model_dump(), cfg.model.dtype, cfg.seed)
+            ray.remote(_rollout_cls())
+            .options(**opts)
+            .remote(
+                model_path,
+                r.model_dump(),
+                cfg.model.dtype,
+                cfg.seed,
+                resolve_backend(cfg.sync, r.num_gpus > 0, t.num_gpus > 0),
+            )
         )
     trainer_env = {
         "OMP_NUM_THREADS": "1",

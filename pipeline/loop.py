@@ -15,11 +15,11 @@ import ray
 
 from pipeline.config import RunConfig
 from pipeline.data import PromptSet
+from pipeline.methods import get_method
 from pipeline.progress import Ticker, new_board
 from pipeline.records import Rollout
 from pipeline.rundir import RunDir
 from workers.actor_group import TrainerGroup
-from workers.losses import get_algorithm
 from workers.trainer import steps_per_rank
 from workers.weight_sync import init_sync, resolve_backend, sync_weights
 
@@ -39,6 +39,9 @@ class Workers:
         self.trainers.kill()
         for r in self.rollouts:
             ray.kill(r, no_restart=True)
+        from pipeline.placement import remove_engine_placements
+
+        remove_engine_placements()
 
 
 class Loop:
@@ -56,9 +59,9 @@ class Loop:
         self.cfg, self.workers, self.model_path = cfg, workers, model_path
         self.train_set, self.eval_set = train, eval_set
         self.rundir, self.reward, self.reporter = rundir, reward_actor, reporter
-        self.algorithm = get_algorithm(cfg.algorithm.name)
+        self.method = get_method(cfg.algorithm.name)
         self.initial_eval: list[float] = []
-        self.sync_backend = resolve_backend(cfg.sync, cfg.rollout.num_gpus > 0)
+        self.sync_backend = resolve_backend(cfg.sync, cfg.rollout.num_gpus > 0, cfg.train.num_gpus > 0)
         # Progress bars (terminal only): actors count onto the board, the driver draws `self.bars`.
         self.board = new_board() if reporter.console.rich else None
         self.bars = None  # the running iteration's rich Progress
@@ -301,7 +304,9 @@ class Loop:
         return rollouts, time_generate, scored, batch, pair_stats, time.perf_counter() - t
 
     def train(self, it: int, batch) -> tuple[dict, float | None]:
-        """Train on the iteration's groups (skipped when there are fewer than ranks), then APO's step."""
+        """Train on the iteration's groups (skipped when there are fewer than ranks), then APO's step
+        (only after a step ran: extrapolating an untrained iterate would put an extrapolated point where
+        APO keeps the previous optimiser output)."""
         cfg, trainers = self.cfg, self.workers.trainers
         train_stats: dict = {"loss": None, "pair_accuracy": None, "train_steps": 0}
         if len(batch) >= trainers.world:
@@ -312,7 +317,7 @@ class Loop:
             per_rank = self.get(trainers.call("train", batch_ref, it, progress), "training", progress)
             train_stats = _merge_rank_stats(per_rank)
         apo_step = None
-        if self.algorithm.extrapolate:
+        if self.method.extrapolates and train_stats["train_steps"]:
             apo_step = self.get(trainers.call("extrapolate", cfg.algorithm.apo_alpha), "APO extrapolation")[0]
         return train_stats, apo_step
 
@@ -325,7 +330,24 @@ class Loop:
             self.record(row)  # metrics first: a resume truncates rows past the last complete checkpoint
             save_checkpoint(self, it)
             self.rundir.publish()
-        return self.rundir.read_metrics()
+        rows = self.rundir.read_metrics()
+        check_something_trained(rows)
+        return rows
+
+
+def check_something_trained(rows: list[dict]) -> None:
+    """A run whose iterations all skipped training did nothing: end it with an error that says why."""
+    ran = [r for r in rows if r["iteration"] >= 1]
+    if not ran or any(not r.get("training_skipped") for r in ran):
+        return
+    pairs, ties = sum(r.get("pairs") or 0 for r in ran), sum(r.get("pairs_dropped_ties") or 0 for r in ran)
+    reason = (
+        f"every prompt's samples tied in reward ({ties} prompts dropped), so no preference pair could be built; "
+        "check that the reward separates good from bad responses and that samples differ (rollout.temperature)"
+        if pairs == 0
+        else f"only {pairs} pairs over {len(ran)} iterations, fewer than the train.num_workers ranks per iteration"
+    )
+    raise PipelineError(f"no iteration trained: {reason}. The metrics of the run are in metrics.jsonl")
 
 
 def _merge_rank_stats(per_rank: list[dict]) -> dict:

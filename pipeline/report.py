@@ -9,6 +9,7 @@ same functions on finished or interrupted runs.
 from __future__ import annotations
 
 import html
+import math
 import os
 import uuid
 from contextlib import contextmanager
@@ -18,9 +19,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
 
-from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.rundir import RunDir, RunDirError  # noqa: E402
 
 PLOTS = {
     "eval_reward.png": "Eval reward and win rate vs the initial policy",
@@ -34,7 +34,47 @@ TIME_KEYS = ["time_generate_s", "time_score_s", "time_train_s", "time_sync_s", "
 
 
 def _num(v) -> float:
-    return float("nan") if v is None else float(v)
+    try:
+        return float("nan") if v is None or isinstance(v, str) else float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _total(values) -> float:
+    return sum(x for x in map(_num, values) if not math.isnan(x))
+
+
+def _get(tree, *keys: str, default=None):
+    """tree[k1][k2]...: `default` where a level is missing or not a mapping."""
+    for k in keys:
+        if not isinstance(tree, dict) or k not in tree:
+            return default
+        tree = tree[k]
+    return tree
+
+
+def _out_dir(path: str | os.PathLike) -> Path:
+    out = Path(path)
+    try:
+        (out / "plots").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(
+            f"cannot write the report to '{out}' ({e.strerror or e}); choose another with --out"
+        ) from None
+    return out
+
+
+def open_run(run_dir: str | os.PathLike) -> RunDir:
+    """A run directory that exists and holds a run: anything else is one clear error, nothing is created."""
+    rd = RunDir(run_dir)
+    where = f"'{rd.where}'" + (f" (local copy {rd.root})" if rd.url else "")
+    if not rd.root.exists():
+        raise RunDirError(f"run directory {where} does not exist")
+    if not rd.root.is_dir():
+        raise RunDirError(f"{where} is not a directory; give the run directory (the one holding metrics.jsonl)")
+    if not rd.metrics_path.exists() and not rd.config_path.exists():
+        raise RunDirError(f"{where} holds no run (no metrics.jsonl or config.yaml)")
+    return rd
 
 
 def _fmt(v) -> str:
@@ -143,10 +183,7 @@ def _columns(rows: list[dict]) -> list[str]:
 
 def _summary(cfg: dict) -> list[tuple[str, str]]:
     def g(*keys: str):
-        node = cfg
-        for k in keys:
-            node = (node or {}).get(k)
-        return node
+        return _get(cfg, *keys)
 
     return [
         ("model", str(g("model", "path"))),
@@ -191,21 +228,39 @@ def _examples(samples: list[dict]) -> list[dict]:
 
 
 def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
-    """Rebuild report.md, report.html and plots/ from the run's files; returns the HTML path."""
-    rd = RunDir(run_dir)
-    out = Path(out_dir or run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = rd.root / "config.yaml"
-    cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-    rows, samples = rd.read_metrics(), rd.read_samples()
-    algorithm = (cfg.get("algorithm") or {}).get("name", "?")
+    """Rebuild report.md, report.html and plots/ from the run's files; returns the HTML path. A missing or
+    damaged run directory is a RunDirError naming the file (and line)."""
+    rd = open_run(run_dir)
+    cfg = rd.read_config() or {}
+    rows, samples, changes = rd.read_metrics(), rd.read_samples(), rd.read_config_changes()
+    out = _out_dir(out_dir or rd.root)
+    try:
+        return _write_report(rd, cfg, rows, samples, changes, out)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise RunDirError(
+            f"cannot build the report of '{rd.where}': a row of metrics.jsonl, samples.jsonl or "
+            f"config_changes.jsonl holds an unexpected value ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _write_report(rd: RunDir, cfg: dict, rows: list[dict], samples: list[dict], changes: list[dict], out: Path) -> Path:
+    algorithm = _get(cfg, "algorithm", "name", default="?")
     _plots(rows, samples, out / "plots", algorithm)
     cols = _columns(rows)
     summary = _summary(cfg)
     examples = _examples(samples)
+    changed = [
+        (c["iteration"], k, old, new)
+        for c in changes
+        for k, (old, new) in (c.get("changes") or {}).items()
+        if isinstance(c.get("changes"), dict)
+    ]
 
     md = ["# onalign run report", "", f"Run directory: `{rd.root}`", ""]
     md += ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary] + [""]
+    if changed:
+        md += ["Settings changed on resume:", ""]
+        md += [f"- from iteration {it}: {k} {old!r} -> {new!r}" for it, k, old, new in changed] + [""]
     md += ["## Metrics per iteration", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows] + [""]
     md += ["## Plots", ""] + [f"![{title}](plots/{name})" for name, title in PLOTS.items()] + [""]
@@ -232,7 +287,15 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
         f"<p>Run directory: <code>{esc(str(rd.root))}</code></p><table>",
     ]
     h += [f"<tr><th>{esc(k)}</th><td style='text-align:left'>{esc(v)}</td></tr>" for k, v in summary]
-    h += ["</table><h2>Metrics per iteration</h2><table><tr>"] + [f"<th>{esc(c)}</th>" for c in cols] + ["</tr>"]
+    h += ["</table>"]
+    if changed:
+        h += ["<p>Settings changed on resume:</p><ul>"]
+        h += [
+            f"<li>from iteration {it}: {esc(k)} {esc(repr(old))} &rarr; {esc(repr(new))}</li>"
+            for it, k, old, new in changed
+        ]
+        h += ["</ul>"]
+    h += ["<h2>Metrics per iteration</h2><table><tr>"] + [f"<th>{esc(c)}</th>" for c in cols] + ["</tr>"]
     for r in rows:
         h += ["<tr>"] + [f"<td>{esc(_fmt(r.get(c)))}</td>" for c in cols] + ["</tr>"]
     h += ["</table><h2>Plots</h2>"]
@@ -256,16 +319,14 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
 
 def write_comparison(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
     """Several runs (methods, rho values) on shared axes: eval reward, win rate and generated tokens."""
-    out = Path(out_dir)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
     runs = []
-    for d in run_dirs:
-        rd = RunDir(d)
-        cfg_path = rd.root / "config.yaml"
-        cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-        label = f"{rd.root.name} ({cfg.get('algorithm', {}).get('name', '?')}, "
-        label += f"{cfg.get('selection', {}).get('mode', '?')} rho={cfg.get('selection', {}).get('rho', '?')})"
+    for d in run_dirs:  # every run is read (and a missing or damaged one refused) before anything is written
+        rd = open_run(d)
+        cfg = rd.read_config() or {}
+        label = f"{rd.root.name} ({_get(cfg, 'algorithm', 'name', default='?')}, "
+        label += f"{_get(cfg, 'selection', 'mode', default='?')} rho={_get(cfg, 'selection', 'rho', default='?')})"
         runs.append((label, rd.read_metrics()))
+    out = _out_dir(out_dir)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for label, rows in runs:
         its = [r["iteration"] for r in rows]
@@ -274,7 +335,7 @@ def write_comparison(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLi
         tr = [r for r in rows if r["iteration"] > 0]
         cum, total = [], 0.0
         for r in tr:
-            total += _num(r.get("generated_tokens"))
+            total += _total([r.get("generated_tokens")])
             cum.append(total)
         axes[2].plot([r["iteration"] for r in tr], cum, "o-", label=label)
     for ax, title in zip(axes, ["eval reward", "win rate vs initial", "cumulative generated tokens"], strict=True):
@@ -292,7 +353,7 @@ def write_comparison(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLi
     ]
     for label, rows in runs:
         last = rows[-1] if rows else {}
-        tokens = sum(_num(r.get("generated_tokens")) for r in rows if r["iteration"] > 0)
+        tokens = _total(r.get("generated_tokens") for r in rows if r["iteration"] > 0)
         md.append(
             f"| {label} | {last.get('iteration', 0)} | {_fmt(last.get('eval_reward_mean'))} | "
             f"{_fmt(last.get('win_rate_vs_initial'))} | {int(tokens)} |"

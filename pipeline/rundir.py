@@ -3,6 +3,7 @@
 Layout::
 
     OUTPUT_DIR/config.yaml            the resolved config
+    OUTPUT_DIR/config_changes.jsonl   settings changed on resume, with the first iteration they applied to
     OUTPUT_DIR/metrics.jsonl          one JSON object per iteration (0 = initial policy)
     OUTPUT_DIR/samples.jsonl          eval responses and rewards per iteration (for the report)
     OUTPUT_DIR/checkpoints/iter_K/    policy/ (HF safetensors), apo_prev.safetensors, state.json
@@ -19,7 +20,7 @@ CHECKPOINT_FORMAT = 1
 
 
 class RunDirError(RuntimeError):
-    pass
+    """A missing, damaged or foreign run directory: the message names the file (and line) and the fix."""
 
 
 def is_url(path: str) -> bool:
@@ -40,6 +41,13 @@ class RunDir:
             self.url = str(root).rstrip("/")
             root = cache_root() / "staging" / hashlib.sha256(self.url.encode()).hexdigest()[:16]
         self.root = Path(root)
+        # Set by `driver.prepare` on resume: the checkpoint iteration to load, 0 to start the run over.
+        self.resume_from: int | None = None
+
+    @property
+    def where(self) -> str:
+        """How the user named the directory (the URL for a remote run)."""
+        return self.url or str(self.root)
 
     def _remote(self):
         import fsspec
@@ -84,6 +92,14 @@ class RunDir:
         return self.root / "samples.jsonl"
 
     @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def config_changes_path(self) -> Path:
+        return self.root / "config_changes.jsonl"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
@@ -107,18 +123,81 @@ class RunDir:
                 f"output_dir '{self.root}' is not writable ({e.strerror}); choose another with output_dir=PATH"
             ) from None
 
+    # ------------------------------------------------------------ config.yaml
+    def read_config(self) -> dict | None:
+        """The run's saved resolved config (None when it has none); a damaged file is an error naming it."""
+        import yaml
+
+        path = self.config_path
+        if not path.exists():
+            return None
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+            detail = " ".join(str(e).split())
+            raise RunDirError(
+                f"{path} cannot be read as YAML ({detail}); restore it or start a new output_dir"
+            ) from None
+        if not isinstance(tree, dict):
+            raise RunDirError(
+                f"{path} does not hold a mapping of settings (got {type(tree).__name__}); restore it or start a "
+                "new output_dir"
+            )
+        from pydantic import BaseModel
+
+        from pipeline.config import RunConfig
+
+        for key, field in RunConfig.model_fields.items():
+            section = isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+            if section and key in tree and not isinstance(tree[key], dict):
+                raise RunDirError(
+                    f"{path}: '{key}' should be a section of settings, got {tree[key]!r}; restore the file or start "
+                    "a new output_dir"
+                )
+        return tree
+
+    def read_config_changes(self) -> list[dict]:
+        return self._read_jsonl(self.config_changes_path)
+
+    def append_config_change(self, row: dict) -> None:
+        self._append(self.config_changes_path, row)
+
     # ------------------------------------------------------------ jsonl files
     @staticmethod
     def _read_jsonl(path: Path) -> list[dict]:
-        if not path.is_file():
+        """Rows of a JSONL file, each a JSON object with an integer 'iteration'. Only a torn final line (no
+        newline after it: a crash mid-write) is dropped; any other bad line is an error naming the file and
+        line, so no reader (and no `truncate_to`) ever silently cuts the rows after it."""
+        if not path.exists():
             return []
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise RunDirError(f"{path} cannot be read ({e.strerror})") from None
+        lines = data.split(b"\n")  # a file that ends with a newline ends with b""
         rows = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a torn last line from a crash: everything before it is intact
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+                if number == len(lines):
+                    break  # the torn last line of a crash: everything before it is intact
+                reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+                problem = f"is not valid JSON ({reason})"
+            else:
+                if not isinstance(row, dict):
+                    problem = f"is not a JSON object (got {type(row).__name__})"
+                elif not isinstance(row.get("iteration"), int) or isinstance(row.get("iteration"), bool):
+                    problem = "has no integer 'iteration'"
+                else:
+                    rows.append(row)
+                    continue
+            raise RunDirError(
+                f"{path} line {number} {problem}: the file is damaged. Repair or delete that line (only a torn "
+                "last line, from a crash mid-write, is skipped on its own); nothing was changed"
+            )
         return rows
 
     def read_metrics(self) -> list[dict]:
@@ -128,7 +207,32 @@ class RunDir:
         return self._read_jsonl(self.samples_path)
 
     @staticmethod
+    def _end_last_line(path: Path) -> None:
+        """Before an append: cut a torn last line (a crash mid-write), or end a complete one with its newline,
+        so the new row starts a line of its own."""
+        if not path.is_file():
+            return
+        with path.open("rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            f.seek(0)
+            data = f.read()
+            start = data.rfind(b"\n") + 1
+            try:
+                json.loads(data[start:])
+            except ValueError:
+                f.truncate(start)
+            else:
+                f.seek(size)
+                f.write(b"\n")
+
+    @staticmethod
     def _append(path: Path, row: dict) -> None:
+        RunDir._end_last_line(path)
         with path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -141,9 +245,13 @@ class RunDir:
         self._append(self.samples_path, row)
 
     def truncate_to(self, iteration: int) -> None:
-        """Keep only rows of iterations <= `iteration` (resume drops a half-finished iteration's rows)."""
-        for path in (self.metrics_path, self.samples_path):
-            rows = [r for r in self._read_jsonl(path) if r["iteration"] <= iteration]
+        """Keep only rows of iterations <= `iteration` (resume drops a half-finished iteration's rows).
+        Both files are read (and a damaged one refused) before either is rewritten."""
+        paths = (self.metrics_path, self.samples_path)
+        kept = [[r for r in self._read_jsonl(p) if r["iteration"] <= iteration] for p in paths]
+        for path, rows in zip(paths, kept, strict=True):
+            if not path.exists() and not rows:
+                continue
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             os.replace(tmp, path)
@@ -176,9 +284,22 @@ class RunDir:
             return []
         done = []
         for p in self.checkpoints.iterdir():
-            if p.name.startswith("iter_") and (p / "state.json").is_file():
-                done.append(int(p.name.removeprefix("iter_")))
+            number = p.name.removeprefix("iter_")
+            if p.name.startswith("iter_") and number.isdigit() and (p / "state.json").is_file():
+                done.append(int(number))
         return sorted(done)
 
+    def remove_checkpoints(self) -> None:
+        """Drop every checkpoint (a run that starts over replaces them)."""
+        for it in self.complete_checkpoints():
+            shutil.rmtree(self.checkpoint_path(it), ignore_errors=True)
+
     def load_state(self, iteration: int) -> dict:
-        return json.loads((self.checkpoint_path(iteration) / "state.json").read_text(encoding="utf-8"))
+        path = self.checkpoint_path(iteration) / "state.json"
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise RunDirError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict):
+            raise RunDirError(f"{path} is not a JSON object (got {type(state).__name__})")
+        return state

@@ -1,5 +1,9 @@
-"""The reward actor: scores responses, keeps each prompt's pool across iterations, selects prompts
-(OPTune) and builds the training groups of the configured algorithm.
+"""The reward actor: scores responses, keeps each prompt's current samples, selects prompts (OPTune)
+and builds the training groups of the configured method.
+
+On-policy by default (`algorithm.pair_pool: current`): a regenerated prompt's pool is replaced by this
+iteration's samples and its group rebuilt from them alone; a prompt that is not regenerated keeps its
+group unchanged (OPTune's reuse). `pair_pool: all` keeps every sample so far instead.
 
 A plain class; the driver wraps it with `ray.remote`. Its whole state (pools and current groups) is
 JSON-able for the run's checkpoint.
@@ -13,12 +17,11 @@ import statistics
 import numpy as np
 
 from pipeline.config import AlgorithmConfig, RewardConfig, SelectionConfig
+from pipeline.methods import get_method
 from pipeline.progress import Ticker
 from pipeline.records import PreferenceBatch, PreferenceGroup, Rollout
-from rewards.pairs import PAIR_RULES
 from rewards.scorers import make_scorer, score
 from rewards.selection import prompt_score, select_prompts
-from workers.losses import get_algorithm
 
 
 class RewardWorker:
@@ -40,7 +43,7 @@ class RewardWorker:
         """Start a run. `train` / `eval_set`: dicts of lists `texts`, `references`, `prompt_ids`, `sft_ids`."""
         self.train, self.eval = train, eval_set
         self.algo_cfg = AlgorithmConfig(**algorithm)
-        self.algorithm = get_algorithm(self.algo_cfg.name)
+        self.method = get_method(self.algo_cfg.name)
         self.selection = SelectionConfig(**selection)
         self.n_samples = n_samples
         self.seed = seed
@@ -49,13 +52,15 @@ class RewardWorker:
         n = len(train["texts"])
         self.pools: list[list[Rollout]] = [[] for _ in range(n)]
         self.groups: list[PreferenceGroup | None] = [None] * n
-        self.previous_groups: list[PreferenceGroup] = []
+        self.previous_groups: list[PreferenceGroup] = []  # the previous iteration's batch (SPIN mixes it in)
+        self.last_groups: list[PreferenceGroup] = []  # this iteration's own groups, once `batch` ran
 
     def state_dict(self) -> dict:
         return {
             "pools": [[dataclasses.asdict(r) for r in pool] for pool in self.pools],
             "groups": [dataclasses.asdict(g) if g else None for g in self.groups],
             "previous_groups": [dataclasses.asdict(g) for g in self.previous_groups],
+            "last_groups": [dataclasses.asdict(g) for g in self.last_groups],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -67,6 +72,7 @@ class RewardWorker:
         self.pools = [[Rollout(**r) for r in pool] for pool in state["pools"]]
         self.groups = [PreferenceGroup(**g) if g else None for g in state["groups"]]
         self.previous_groups = [PreferenceGroup(**g) for g in state["previous_groups"]]
+        self.last_groups = [PreferenceGroup(**g) for g in state.get("last_groups", [])]
 
     # ------------------------------------------------------------ selection
     def select(self, iteration: int) -> list[int]:
@@ -113,18 +119,18 @@ class RewardWorker:
             return self._score([r.text for r in rollouts], refs, prompts, rollouts, tick)
 
     def ingest(self, rollouts: list[Rollout], iteration: int, progress: Ticker | None = None) -> dict:
-        """Score new train rollouts, add them to their prompts' pools and rebuild those prompts' groups."""
+        """Score this iteration's train rollouts, make them their prompts' pools (or add them, with
+        `pair_pool: all`) and rebuild those prompts' groups; the other prompts keep theirs."""
         rewards = self.score_rollouts(rollouts, "train", progress)
-        touched = []
+        fresh: dict[int, list[Rollout]] = {}
         for r, reward in zip(rollouts, rewards, strict=True):
             r.reward, r.iteration = reward, iteration
-            self.pools[r.prompt_index].append(r)
-            touched.append(r.prompt_index)
-        self.previous_groups = [g for g in self.groups if g is not None]
-        rule = PAIR_RULES[self.algorithm.pair_rule]
-        for i in sorted(set(touched)):
-            self.groups[i] = rule(
-                i, self.train["prompt_ids"][i], self.pools[i], k=self.n_samples, sft_ids=self.train["sft_ids"][i]
+            fresh.setdefault(r.prompt_index, []).append(r)
+        self.previous_groups = self.last_groups
+        for i, samples in sorted(fresh.items()):
+            self.pools[i] = self.pools[i] + samples if self.algo_cfg.pair_pool == "all" else samples
+            self.groups[i] = self.method.build_group(
+                i, self.train["prompt_ids"][i], self.pools[i], self.train["sft_ids"][i], self.n_samples
             )
         distinct = _distinct_fraction(rollouts)
         return {
@@ -139,8 +145,9 @@ class RewardWorker:
         prompts = range(len(self.pools)) if self.active is None else sorted(self.active)
         groups = [self.groups[i] for i in prompts if self.groups[i] is not None]
         dropped_ties = sum(1 for i in prompts if self.pools[i]) - len(groups)
-        if self.algorithm.name == "spin" and self.algo_cfg.spin_mix_previous:
-            groups = groups + self.previous_groups[: len(groups)]
+        self.last_groups = groups
+        if self.method.mixes_previous and self.algo_cfg.spin_mix_previous:
+            groups = groups + self.previous_groups
         gaps = [g.rewards[0] - g.rewards[-1] for g in groups]
         stats = {
             "pairs": len(groups),

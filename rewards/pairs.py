@@ -1,4 +1,9 @@
-"""Pair- and list-building rules: from a prompt's pool of scored responses to one training group.
+"""Group builders: from one prompt's scored samples to its training group (a pair, or k ranked responses).
+
+Each method's entry in `pipeline.methods` names one of these. The samples passed in are the prompt's
+pool: this iteration's samples by default (`algorithm.pair_pool: current`, on-policy as iterative DPO,
+APO, SPIN and OPTune train), or every sample so far (`all`). Every group carries the prompt's SFT target
+(`sft_ids`, None without one) so that methods that score it (SLiC-HF's y_ref) receive it.
 
 Ties are broken deterministically by position in the pool (earlier wins), so the same pool always
 gives the same group.
@@ -6,7 +11,11 @@ gives the same group.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pipeline.records import PreferenceGroup, Rollout
+
+GroupBuilder = Callable[[int, list[int], list[Rollout], list[int] | None, int], PreferenceGroup | None]
 
 
 def _ranked(pool: list[Rollout]) -> list[Rollout]:
@@ -14,7 +23,9 @@ def _ranked(pool: list[Rollout]) -> list[Rollout]:
     return sorted(pool, key=lambda r: -float(r.reward))
 
 
-def best_worst(prompt_index: int, prompt_ids: list[int], pool: list[Rollout], **_) -> PreferenceGroup | None:
+def best_worst(
+    prompt_index: int, prompt_ids: list[int], pool: list[Rollout], sft_ids: list[int] | None, k: int
+) -> PreferenceGroup | None:
     """chosen = highest reward, rejected = lowest; None when every response ties."""
     if len(pool) < 2:
         return None
@@ -23,29 +34,28 @@ def best_worst(prompt_index: int, prompt_ids: list[int], pool: list[Rollout], **
     if best.reward == worst.reward:
         return None
     return PreferenceGroup(
-        prompt_index, prompt_ids, [best.response_ids, worst.response_ids], [best.reward, worst.reward]
+        prompt_index, prompt_ids, [best.response_ids, worst.response_ids], [best.reward, worst.reward], sft_ids
     )
 
 
 def ranked_list(
-    prompt_index: int, prompt_ids: list[int], pool: list[Rollout], k: int = 4, **_
+    prompt_index: int, prompt_ids: list[int], pool: list[Rollout], sft_ids: list[int] | None, k: int
 ) -> PreferenceGroup | None:
     """RRHF's k responses (the newest k of the pool), ranked by reward; None when all tie."""
     latest = pool[-k:]
     if len(latest) < 2 or len({r.reward for r in latest}) == 1:
         return None
     ranked = _ranked(latest)
-    return PreferenceGroup(prompt_index, prompt_ids, [r.response_ids for r in ranked], [r.reward for r in ranked])
+    return PreferenceGroup(
+        prompt_index, prompt_ids, [r.response_ids for r in ranked], [r.reward for r in ranked], sft_ids
+    )
 
 
 def ground_truth(
-    prompt_index: int, prompt_ids: list[int], pool: list[Rollout], sft_ids: list[int] | None = None, **_
+    prompt_index: int, prompt_ids: list[int], pool: list[Rollout], sft_ids: list[int] | None, k: int
 ) -> PreferenceGroup | None:
     """SPIN: chosen = the dataset's ground-truth response, rejected = the policy's newest own generation."""
     if sft_ids is None or not pool:
         return None
     own = pool[-1]
-    return PreferenceGroup(prompt_index, prompt_ids, [sft_ids, own.response_ids], [1.0, own.reward or 0.0])
-
-
-PAIR_RULES = {"best_worst": best_worst, "ranked": ranked_list, "ground_truth": ground_truth}
+    return PreferenceGroup(prompt_index, prompt_ids, [sft_ids, own.response_ids], [1.0, own.reward or 0.0], sft_ids)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline.config import AlgorithmConfig
-from workers.losses import ALGORITHMS, LossInputs, dpo_loss, get_algorithm, ipo_loss, rrhf_loss, slic_loss, wdpo_loss
+from pipeline.methods import METHODS, get_method
+from workers.losses import LOSSES, LossInputs, dpo_loss, ipo_loss, rrhf_loss, slic_loss, wdpo_loss
 
 LOGPS = torch.tensor([[-3.0, -5.0], [-4.0, -2.0]])
 REF = torch.tensor([[-3.5, -4.5], [-4.0, -3.0]])
@@ -55,7 +56,7 @@ def test_ipo_closed_form_length_normalised():
 def test_slic_closed_form():
     cfg = AlgorithmConfig(name="slic", slic_delta=1.5, slic_lambda=0.3)
     sft = torch.tensor([-6.0, -1.0])
-    loss, _ = slic_loss(inputs(ref_logps=None, sft_logps=sft, sft_lengths=torch.tensor([2.0, 2.0])), cfg)
+    loss, _ = slic_loss(inputs(ref_logps=None, sft_logps=sft), cfg)
     expect = [max(0.0, 1.5 - (-3.0) + (-5.0)) + 0.3 * 6.0, max(0.0, 1.5 - (-4.0) + (-2.0)) + 0.3 * 1.0]
     assert loss.tolist() == pytest.approx(expect, rel=1e-6)
 
@@ -94,9 +95,9 @@ def test_wdpo_beta2_zero_is_dpo():
         assert torch.equal(wdpo_loss(inputs(), cfg)[0], dpo_loss(inputs(), cfg)[0])
 
 
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_gradient_raises_chosen_lowers_rejected(name):
-    alg = get_algorithm(name)
+    loss_fn = LOSSES[get_method(name).loss]
     cfg = AlgorithmConfig(name=name, rrhf_sft_weight=0.0)
     logps = torch.tensor([[-4.0, -3.0]], requires_grad=True)  # chosen currently less likely
     inp = LossInputs(
@@ -105,16 +106,15 @@ def test_gradient_raises_chosen_lowers_rejected(name):
         rewards=torch.tensor([[1.0, 0.0]]),
         ref_logps=torch.tensor([[-4.0, -3.0]]),
         sft_logps=torch.tensor([-5.0]),
-        sft_lengths=torch.tensor([2.0]),
     )
-    alg.loss(inp, cfg)[0].sum().backward()
+    loss_fn(inp, cfg)[0].sum().backward()
     # gradient descent moves along -grad: chosen up (grad < 0), rejected down (grad > 0)
     assert logps.grad[0, 0] < 0 and logps.grad[0, 1] > 0
 
 
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_no_nan_on_empty_truncated_and_equal_responses(name):
-    alg = get_algorithm(name)
+    loss_fn = LOSSES[get_method(name).loss]
     cfg = AlgorithmConfig(name=name)
     logps = torch.tensor([[0.0, 0.0], [-2.0, -2.0]], requires_grad=True)  # empty pair; chosen == rejected
     inp = LossInputs(
@@ -123,18 +123,20 @@ def test_no_nan_on_empty_truncated_and_equal_responses(name):
         rewards=torch.tensor([[1.0, 0.0], [0.5, 0.5]]),
         ref_logps=torch.tensor([[0.0, 0.0], [-2.0, -2.0]]),
         sft_logps=torch.tensor([0.0, -1.0]),
-        sft_lengths=torch.tensor([0.0, 1.0]),
     )
-    loss, _ = alg.loss(inp, cfg)
+    loss, _ = loss_fn(inp, cfg)
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(logps.grad).all()
 
 
-def test_registry_covers_every_config_name():
-    from typing import get_args
+def test_registry_is_what_the_config_accepts():
+    from pipeline.config import ConfigError, load_config
 
-    from pipeline.config import AlgorithmName
-
-    assert set(get_args(AlgorithmName)) == set(ALGORITHMS)
-    with pytest.raises(ValueError, match="registered"):
-        get_algorithm("ppo")
+    for name in METHODS:
+        n = "1" if get_method(name).max_samples == 1 else "4"
+        assert load_config(None, [f"algorithm.name={name}", f"rollout.n_samples={n}"]).algorithm.name == name
+        assert get_method(name).loss in LOSSES
+    with pytest.raises(ConfigError, match="'ppo' is not a registered method.*dpo, ipo"):
+        load_config(None, ["algorithm.name=ppo"])
+    with pytest.raises(ValueError, match="unknown algorithm.name 'ppo'"):
+        get_method("ppo")

@@ -17,21 +17,21 @@ def ro(ids, reward):
 
 def test_best_worst_and_ties():
     pool = [ro([1], 0.5), ro([2], 1.0), ro([3], 0.0), ro([4], 1.0)]
-    g = best_worst(0, [9], pool)
+    g = best_worst(0, [9], pool, None, 4)
     assert g.responses == [[2], [3]] and g.rewards == [1.0, 0.0]  # first of the tied best wins
-    assert best_worst(0, [9], [ro([1], 0.3), ro([2], 0.3)]) is None
-    assert best_worst(0, [9], [ro([1], 0.3)]) is None
+    assert best_worst(0, [9], [ro([1], 0.3), ro([2], 0.3)], None, 2) is None
+    assert best_worst(0, [9], [ro([1], 0.3)], None, 1) is None
 
 
 def test_ranked_list_uses_newest_k_sorted():
     pool = [ro([0], 9.0)] + [ro([i], r) for i, r in zip([1, 2, 3], [0.1, 0.9, 0.5], strict=True)]
-    g = ranked_list(0, [9], pool, k=3)
+    g = ranked_list(0, [9], pool, None, 3)
     assert g.responses == [[2], [3], [1]] and g.rewards == [0.9, 0.5, 0.1]
-    assert ranked_list(0, [9], [ro([1], 1.0), ro([2], 1.0)], k=2) is None
+    assert ranked_list(0, [9], [ro([1], 1.0), ro([2], 1.0)], None, 2) is None
 
 
 def test_ground_truth_pair_for_spin():
-    g = ground_truth(0, [9], [ro([1], 0.2), ro([5], 0.4)], sft_ids=[7, 7])
+    g = ground_truth(0, [9], [ro([1], 0.2), ro([5], 0.4)], [7, 7], 1)
     assert g.responses == [[7, 7], [5]]
 
 
@@ -66,7 +66,7 @@ def test_rho_one_equals_all_and_random_is_seeded():
 
 def test_prompt_score_kinds():
     pool = [ro([1], 0.2), ro([2], 0.8)]
-    g = best_worst(0, [9], pool)
+    g = best_worst(0, [9], pool, None, 4)
     assert prompt_score(pool, g, "best_reward") == 0.8
     assert prompt_score(pool, g, "pair_mean") == pytest.approx(0.5)
     assert prompt_score([], None, "best_reward") == -math.inf

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from pipeline.config import load_config
@@ -38,3 +40,64 @@ def test_cpu_demo_fits_this_kind_of_machine_and_not_one_core():
     fit(cfg, [{"CPU": 2}])
     with pytest.raises(PlanError, match="CPU"):
         fit(cfg, [{"CPU": 1}])
+
+
+# ---------------------------------------------------------------- NCCL ranks and whole GPUs (issue 21)
+PRESET = "configs/optune-zephyr-7b.yaml"
+
+
+def test_gpu_test_asks_for_whole_gpus_that_fit(tmp_path):
+    from test_gpu import gpu_overrides
+
+    for gpus in (2, 3):
+        cfg = load_config("configs/demo-cpu.yaml", gpu_overrides(str(tmp_path), gpus))
+        assert cfg.train.num_gpus == cfg.rollout.num_gpus == 1
+        placed = fit(cfg, [{"CPU": 16, "GPU": gpus}])
+        assert len(placed) == 1 + cfg.train.num_workers + 1
+
+
+def test_rejects_two_nccl_ranks_of_one_communicator_on_one_gpu():
+    # the old GPU test: engine 0.4 + two trainer ranks 0.2 on one device (NCCL refuses duplicate GPUs)
+    old = load_config("configs/demo-cpu.yaml", ["rollout.num_gpus=0.4", "train.num_gpus=0.2", "sync.backend=nccl"])
+    with pytest.raises(PlanError, match="train.num_gpus=0.2 .* one GPU"):
+        fit(old, [{"CPU": 16, "GPU": 1}])
+    with pytest.raises(PlanError, match="one GPU"):
+        dry_run(old)  # the dry run says so too, with or without a cluster
+    # DeepSpeed's NCCL group alone (CPU sync): two ranks with half a GPU each
+    ds = load_config(PRESET, ["train.num_gpus=0.5", "sync.backend=cpu"])
+    with pytest.raises(PlanError, match="train.num_gpus=0.5"):
+        fit(ds, [{"CPU": 64, "GPU": 8}])
+    # the sync's NCCL group: an engine sharing a device with trainer rank 0 (auto picks nccl: both have GPUs)
+    sync = load_config("configs/demo-cpu.yaml", ["train.num_workers=1", "train.num_gpus=1", "rollout.num_gpus=0.5"])
+    with pytest.raises(PlanError, match="rollout.num_gpus=0.5 .* sync.backend=cpu"):
+        fit(sync, [{"CPU": 16, "GPU": 2}])
+    # no NCCL group at all: fractional shares are fine
+    shared = load_config(
+        "configs/demo-cpu.yaml",
+        ["train.num_workers=1", "train.num_gpus=0.5", "rollout.num_gpus=0.5", "sync.backend=cpu"],
+    )
+    assert fit(shared, [{"CPU": 16, "GPU": 1}])
+
+
+def test_nccl_sync_needs_gpus_on_both_sides():
+    cfg = load_config("configs/demo-cpu.yaml", ["rollout.num_gpus=1", "sync.backend=nccl"])  # CPU trainers
+    with pytest.raises(PlanError, match="sync.backend=nccl needs GPUs"):
+        fit(cfg, [{"CPU": 16, "GPU": 4}])
+
+
+def test_tensor_parallel_needs_one_whole_gpu_per_worker():
+    for share in ("0.5", "2"):
+        cfg = load_config(PRESET, ["rollout.tensor_parallel_size=2", f"rollout.num_gpus={share}"])
+        with pytest.raises(PlanError, match=f"tensor_parallel_size=2 with rollout.num_gpus={share}"):
+            fit(cfg, [{"CPU": 64, "GPU": 16}])
+
+
+def test_tensor_parallel_engine_reserves_its_cpus_per_worker():
+    cfg = load_config(
+        PRESET,
+        ["rollout.tensor_parallel_size=4", "rollout.num_engines=1", "rollout.num_cpus=2", "train.num_workers=2"],
+    )
+    assert re.search(r"rollout engine 0 \(TP 4\) +CPU 8  GPU 4", dry_run(cfg))  # a CPU 2 bundle per worker
+    with pytest.raises(PlanError, match="no node has 4 GPU and 8 CPU left for rollout engine 0"):
+        fit(cfg, [{"CPU": 7, "GPU": 8}])
+    assert len(fit(cfg, [{"CPU": 9, "GPU": 8}])) == 4

@@ -17,6 +17,15 @@ from pipeline.rundir import RunDirError
 
 FAULTY = """
 import math
+import pathlib
+
+from rewards.functions import reverse_reward
+
+def switch(prompts, responses, references):
+    # The function named in the .mode file beside this one (a resume must keep reward.function unchanged).
+    mode = pathlib.Path(__file__).with_suffix(".mode")
+    name = mode.read_text().strip() if mode.exists() else "reverse_reward"
+    return globals()[name](prompts, responses, references)
 def boom(prompts, responses, references):
     raise RuntimeError("reward server unreachable")
 def nan(prompts, responses, references):
@@ -120,18 +129,25 @@ def test_dry_run_prints_plan_and_refuses_what_cannot_fit(ray_cluster, capsys):
     ],
 )
 def test_bad_reward_stops_clearly_and_keeps_completed_iterations(run_tiny, tmp_path, faulty, fn, message):
-    run_tiny("iterations=1", out=tmp_path)
+    mode = Path(faulty).with_suffix(".mode")
+    mode.unlink(missing_ok=True)
+    run_tiny("iterations=1", f"reward.function={faulty}:switch", out=tmp_path)
     before = lines(tmp_path / "metrics.jsonl")
+    mode.write_text(fn)  # the reward starts failing in iteration 2
     with pytest.raises(PipelineError) as e:
-        run_tiny("iterations=2", "resume=true", f"reward.function={faulty}:{fn}", out=tmp_path)
+        run_tiny("iterations=2", "resume=true", f"reward.function={faulty}:switch", out=tmp_path)
+    mode.unlink()
     assert message in str(e.value)
     assert lines(tmp_path / "metrics.jsonl") == before  # completed iterations intact
     assert (tmp_path / "checkpoints" / "iter_1" / "state.json").is_file()
 
 
 @pytest.mark.slow
-def test_all_tied_rewards_skip_training_and_continue(run_tiny, tmp_path, faulty):
-    rows, _ = run_tiny("iterations=2", f"reward.function={faulty}:tied")
+def test_all_tied_rewards_skip_training_and_end_with_the_reason(run_tiny, tmp_path, faulty):
+    with pytest.raises(PipelineError, match="no iteration trained: every prompt's samples tied in reward"):
+        run_tiny("iterations=2", f"reward.function={faulty}:tied")
+    rows = [json.loads(x) for x in lines(tmp_path / "metrics.jsonl")]
+    assert len(rows) == 3  # the iterations still ran and were recorded
     for r in rows[1:]:
         assert r["pairs"] == 0 and r["pairs_dropped_ties"] == 48 and r["training_skipped"] is True
         assert r["train_steps"] == 0

@@ -9,26 +9,48 @@ import ray
 
 
 def free_port() -> int:
+    """A TCP port free on this machine now (call it on the node that will listen on it)."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
 
 
 class TrainerGroup:
-    """`world` TrainerWorker actors wired as ranks 0..world-1 of one torch.distributed group."""
+    """`world` TrainerWorker actors wired as ranks 0..world-1 of one torch.distributed group.
+
+    torch's env:// store is served by rank 0, on whichever node Ray placed it (not the driver's: under
+    `ray job submit` the driver may run on a CPU-only head node). So rank 0 reports its own node IP and a
+    port free there, and then every rank connects to that address. The constructor returns once the group
+    is formed (or raises, naming the address, if it is not within `timeout_s`)."""
 
     def __init__(
         self, world: int, num_cpus: float, num_gpus: float, env: dict[str, str], timeout_s: float = 1800
     ) -> None:
         from workers.trainer import TrainerWorker
 
-        master_addr = ray.util.get_node_ip_address()
-        port = free_port()
         cls = ray.remote(TrainerWorker).options(
             num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env}, max_concurrency=1
         )
         self.world = world
-        self.actors = [cls.remote(rank, world, master_addr, port, timeout_s) for rank in range(world)]
+        self.actors = [cls.remote(rank, world, timeout_s) for rank in range(world)]
+        try:
+            self.master_addr, self.master_port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.kill()
+            raise RuntimeError(
+                f"trainer rank 0 did not start within {timeout_s:g}s (num_cpus={num_cpus:g}, num_gpus={num_gpus:g} "
+                "per rank: does the cluster have them free?)"
+            ) from None
+        refs = [a.connect.remote(self.master_addr, self.master_port) for a in self.actors]
+        try:
+            self.connected: list[dict] = ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.kill()
+            raise RuntimeError(
+                f"the {world} trainer ranks did not form their process group at rank 0's address "
+                f"{self.master_addr}:{self.master_port} within {timeout_s:g}s (is every rank scheduled? can the "
+                "nodes reach each other on that port?)"
+            ) from None
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         """Call `method` on every rank (collectives need all of them); returns one ref per rank."""

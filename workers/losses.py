@@ -27,7 +27,8 @@ class LossInputs:
     rewards: torch.Tensor  # [B, K] reward-model scores
     ref_logps: torch.Tensor | None = None  # [B, K] reference log-probs (None for reference-free methods)
     sft_logps: torch.Tensor | None = None  # [B] log pi(y_ref | x) of the dataset's SFT target
-    sft_lengths: torch.Tensor | None = None  # [B]
+    # [B] wDPO pair weights, normalised over the iteration's whole batch by the trainer (None: this batch)
+    weights: torch.Tensor | None = None
 
 
 LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -138,52 +139,21 @@ def wdpo_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
 
         L_i = g(beta2 * (R(y+_i) - R(y-_i))) * L_DPO,i
 
-    see `wdpo_weights` for g. With beta2 = 0 every weight is 1 and this is exactly `dpo_loss`.
+    see `wdpo_weights` for g. With beta2 = 0 every weight is 1 and this is exactly `dpo_loss`. The trainer
+    passes `inp.weights` computed over the iteration's whole batch (all ranks), so a pair's weight does
+    not depend on the micro-batch it lands in; without them the weights are normalised over `inp`.
     """
     loss, stats = dpo_loss(inp, cfg)
-    w = wdpo_weights(inp.rewards[:, 0] - inp.rewards[:, 1], cfg)
+    w = inp.weights if inp.weights is not None else wdpo_weights(inp.rewards[:, 0] - inp.rewards[:, 1], cfg)
     stats["pair_weight"] = w
     return w * loss, stats
 
 
-@dataclass(frozen=True)
-class Algorithm:
-    """A method = a loss + a rule that builds its training groups + what it needs around them."""
-
-    name: str
-    loss: LossFn
-    pair_rule: str  # "best_worst" | "ranked" | "ground_truth" (see rewards.pairs)
-    needs_reference: bool
-    needs_sft_target: bool = False
-    extrapolate: bool = False  # APO's Nesterov step after each iteration
-    needs_reward: bool = True
-
-
-ALGORITHMS: dict[str, Algorithm] = {}
-
-
-def register(alg: Algorithm) -> Algorithm:
-    if alg.name in ALGORITHMS:
-        raise ValueError(f"algorithm '{alg.name}' is already registered")
-    ALGORITHMS[alg.name] = alg
-    return alg
-
-
-register(Algorithm("dpo", dpo_loss, "best_worst", needs_reference=True))
-register(Algorithm("ipo", ipo_loss, "best_worst", needs_reference=True))
-register(Algorithm("slic", slic_loss, "best_worst", needs_reference=False, needs_sft_target=True))
-register(Algorithm("rrhf", rrhf_loss, "ranked", needs_reference=False))
-register(Algorithm("wdpo", wdpo_loss, "best_worst", needs_reference=True))
-# SPIN (Chen et al. 2024, arXiv 2401.01335): the logistic loss of uclaml/SPIN is the DPO loss
-# -log sigmoid(lambda * h) with y+ = ground truth, y- = the current policy's own generation, and the
-# previous iterate as the opponent/reference. No reward model is needed.
-register(Algorithm("spin", dpo_loss, "ground_truth", needs_reference=True, needs_sft_target=True, needs_reward=False))
-# APO (He et al. 2024, arXiv 2410.06293): iterative DPO + theta <- theta + alpha * (theta - theta_prev).
-register(Algorithm("apo", dpo_loss, "best_worst", needs_reference=True, extrapolate=True))
-
-
-def get_algorithm(name: str) -> Algorithm:
-    try:
-        return ALGORITHMS[name]
-    except KeyError:
-        raise ValueError(f"unknown algorithm '{name}'; registered: {', '.join(sorted(ALGORITHMS))}") from None
+# Loss name (pipeline.methods.Method.loss) -> function. The registry of methods is pipeline.methods.
+LOSSES: dict[str, LossFn] = {
+    "dpo": dpo_loss,
+    "ipo": ipo_loss,
+    "slic": slic_loss,
+    "rrhf": rrhf_loss,
+    "wdpo": wdpo_loss,
+}

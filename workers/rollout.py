@@ -51,28 +51,32 @@ def counting_tqdm(tick: Ticker):
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, rollout_cfg: dict, dtype: str = "float32", seed: int = 0) -> None:
+    def __init__(
+        self, model_path: str, rollout_cfg: dict, dtype: str = "float32", seed: int = 0, sync_backend: str = "cpu"
+    ) -> None:
         os.environ.update(ENGINE_ENV)
         import torch
         from vllm import LLM
 
         kwargs: dict = {}
-        if not torch.cuda.is_available():
-            from workers import cpu_transfer
+        from workers import cpu_transfer
 
+        if sync_backend != "nccl":  # the CPU object-store path (also for GPU engines fed by CPU trainers)
             cpu_transfer.register()
+            kwargs["weight_transfer_config"] = {"backend": cpu_transfer.BACKEND}
+        else:
+            kwargs["weight_transfer_config"] = {"backend": "nccl"}
+        if not torch.cuda.is_available():
             kwargs["kv_cache_memory_bytes"] = int(rollout_cfg["kv_cache_mb"]) * 2**20
             # before vLLM pins the thread count; Ray set it to the actor's num_cpus
             engines = rollout_cfg.get("num_engines", 1)
             torch.set_num_threads(rollout_cfg.get("cpu_threads") or max(1, (os.cpu_count() or 1) // engines))
-            kwargs["weight_transfer_config"] = {"backend": cpu_transfer.BACKEND}
             # Chunked prefill rewinds seeded samplers with Generator.set_offset, which CPU generators lack
             # ("CPU Generator does not use offset"): prefill whole prompts instead.
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(8192, rollout_cfg["max_model_len"])
         else:
             kwargs["gpu_memory_utilization"] = rollout_cfg["gpu_memory_utilization"]
-            kwargs["weight_transfer_config"] = {"backend": "nccl"}
             if rollout_cfg["tensor_parallel_size"] > 1:
                 kwargs["distributed_executor_backend"] = "ray"  # TP workers in this actor's placement group
         self.llm = LLM(

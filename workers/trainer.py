@@ -24,10 +24,11 @@ from typing import TypeVar
 import torch
 
 from pipeline.config import AlgorithmConfig, TrainConfig
+from pipeline.methods import Method, get_method
 from pipeline.progress import Ticker
 from pipeline.records import PreferenceBatch, PreferenceGroup
 from workers.logprobs import batched_sequence_logprobs, sequence_logprobs
-from workers.losses import LossInputs, get_algorithm
+from workers.losses import LOSSES, LossInputs, wdpo_weights
 
 StateDict = dict[str, torch.Tensor]
 T = TypeVar("T")
@@ -38,6 +39,69 @@ def shard_for_rank(groups: list[T], rank: int, world: int) -> list[T]:
     same number of collective steps)."""
     usable = len(groups) - len(groups) % world
     return groups[:usable][rank::world]
+
+
+def flatten(groups: list[PreferenceGroup]) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt, response) token lists of every response of every group, group by group."""
+    return [g.prompt_ids for g in groups for _ in g.responses], [r for g in groups for r in g.responses]
+
+
+def rank_pair_weights(groups: list[PreferenceGroup], rank: int, world: int, cfg: AlgorithmConfig) -> torch.Tensor:
+    """OPTune's wDPO weights of this rank's shard, normalised over the pairs that all ranks train on
+    together, so a pair's weight does not depend on the rank or micro-batch it lands in."""
+    trained = groups[: len(groups) - len(groups) % world]
+    gaps = torch.tensor([g.rewards[0] - g.rewards[-1] for g in trained], dtype=torch.float32)
+    return wdpo_weights(gaps, cfg)[torch.tensor(shard_for_rank(list(range(len(trained))), rank, world))]
+
+
+def loss_inputs(
+    model,
+    groups: list[PreferenceGroup],
+    method: Method,
+    pad_id: int,
+    ref_logps: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> LossInputs:
+    """The loss inputs of one micro-batch: policy log-probs of every group's responses (with gradient),
+    their lengths and rewards, the given reference log-probs and pair weights, and, for methods that score
+    the dataset's target (SLiC-HF's y_ref), log pi(y_ref | x)."""
+    k = len(groups[0].responses)
+    logps, lengths = sequence_logprobs(model, *flatten(groups), pad_id)
+    device = logps.device
+    inputs = LossInputs(
+        logps=logps.view(len(groups), k),
+        lengths=lengths.view(len(groups), k),
+        rewards=torch.tensor([g.rewards for g in groups], dtype=torch.float32, device=device),
+        ref_logps=ref_logps.to(device) if ref_logps is not None else None,
+        weights=weights.to(device) if weights is not None else None,
+    )
+    if method.scores_sft_target:
+        missing = [g.prompt_index for g in groups if not g.sft_ids]
+        if missing:
+            raise ValueError(f"{method.name} needs each prompt's SFT target; prompts {missing[:5]} have none")
+        inputs.sft_logps, _ = sequence_logprobs(
+            model, [g.prompt_ids for g in groups], [g.sft_ids for g in groups], pad_id
+        )
+    return inputs
+
+
+def apo_extrapolate(trained: StateDict, trained_prev: StateDict, alpha: float) -> tuple[StateDict, float]:
+    """APO's Nesterov step (arXiv 2410.06293): theta = theta_hat + alpha (theta_hat - theta_hat_prev).
+
+    Returns the new weights and the step's L2 norm. Tensors that share storage (tied embeddings) stay
+    tied and are counted once."""
+    new: StateDict = {}
+    done: dict[int, torch.Tensor] = {}
+    step_sq = 0.0
+    for name, w in trained.items():
+        key = w.untyped_storage().data_ptr()
+        if key in done:
+            new[name] = done[key]
+            continue
+        step = alpha * (w - trained_prev[name])
+        step_sq += float(step.pow(2).sum())
+        new[name] = done[key] = w + step
+    return new, step_sq**0.5
 
 
 def release(engine) -> None:
@@ -109,6 +173,36 @@ def ds_config(train: TrainConfig, world: int) -> dict:
     }
 
 
+def load_fp32_masters(engine, weights: StateDict) -> None:
+    """Start a bf16 DeepSpeed engine from the fp32 weights, not their bf16 rounding.
+
+    DeepSpeed builds its fp32 master copy from the module's (bf16) parameters, which would round the policy
+    to bf16 at the start of every iteration and lose the small updates kept in fp32. Call on every rank right
+    after `deepspeed.initialize` (ZeRO 1/2: each rank copies its own fragment; ZeRO-3: its own partition).
+    A no-op when the module is fp32 (its parameters are the masters)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    module = engine.module
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return
+    for name, param in module.named_parameters():
+        if name not in weights or not param.requires_grad:
+            continue
+        value = weights[name]
+        opt = getattr(param, "_z3_optimizer", None)
+        if hasattr(param, "ds_id") and opt is not None:
+            # DeepSpeed's ZeRO-3 setter cuts `value` at partition * rank without the padding of the last
+            # rank's partition (it fails for sizes not divisible by the world size): copy the slice here.
+            part, group_idx = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+            start = part.numel() * opt._get_param_partition_rank(param)
+            piece = value.detach().reshape(-1)[start : start + part.numel()]
+            part.data[: piece.numel()].copy_(piece.to(part.dtype))
+            if opt._swappable_optimizer_subgroup(group_idx):
+                opt._optimizer_states_and_gradient_swap_out(group_idx)
+        else:
+            safe_set_full_fp32_param(param, value.detach().to(param.device, torch.float32))
+
+
 def state_dict_source(trainer: TrainerWorker, dtype: torch.dtype, device: torch.device):
     """vLLM `WeightSource` over the trainer's full state dict: HF names, sent in the engine's dtype.
 
@@ -127,27 +221,47 @@ def state_dict_source(trainer: TrainerWorker, dtype: torch.dtype, device: torch.
 
 
 class TrainerWorker:
-    def __init__(self, rank: int, world: int, master_addr: str, master_port: int, timeout_s: float = 1800) -> None:
-        os.environ.update(
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
-            RANK=str(rank),
-            LOCAL_RANK="0",
-            WORLD_SIZE=str(world),
-        )
+    def __init__(self, rank: int, world: int, timeout_s: float = 1800) -> None:
+        """The process group is not formed here: `TrainerGroup` asks rank 0 for `rendezvous_address`, then
+        every rank `connect`s there (torch's env:// store is served by rank 0, wherever Ray placed it)."""
+        os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world))
         self.cuda = torch.cuda.is_available()
         if not self.cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             torch.set_num_threads(1)
+        self.rank, self.world, self.timeout_s = rank, world, timeout_s
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        self.rss_start_mb = _peak_rss_mb()
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0: this node's IP and a port free on it, for the group's env:// store."""
+        import ray
+
+        from workers.actor_group import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def connect(self, master_addr: str, master_port: int) -> dict:
+        """Join the DeepSpeed/torch.distributed group served by rank 0 at `master_addr:master_port`; one
+        all-reduce proves the group works. Returns this rank's view of it."""
         from datetime import timedelta
 
         import deepspeed
+        import torch.distributed as dist
 
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         # A dead peer must not hang a collective forever: it times out and the driver reports it.
-        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-        self.rank, self.world = rank, world
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
-        self.rss_start_mb = _peak_rss_mb()
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.cuda else "gloo", timeout=timedelta(seconds=self.timeout_s)
+        )
+        probe = torch.tensor([float(self.rank + 1)], device=self.device)
+        dist.all_reduce(probe)
+        return {
+            "rank": dist.get_rank(),
+            "world": dist.get_world_size(),
+            "sum": int(probe.item()),
+            "master": f"{master_addr}:{master_port}",
+        }
 
     # ------------------------------------------------------------ run set-up
     def setup(self, model_path: str, train: dict, algorithm: dict, seed: int, trust_remote_code: bool = False) -> int:
@@ -156,7 +270,7 @@ class TrainerWorker:
 
         self.train_cfg = TrainConfig(**train)
         self.algo_cfg = AlgorithmConfig(**algorithm)
-        self.algorithm = get_algorithm(self.algo_cfg.name)
+        self.method = get_method(self.algo_cfg.name)
         self.seed = seed
         self.model_path = model_path
         self.hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
@@ -195,27 +309,25 @@ class TrainerWorker:
         return lp.tolist()
 
     # ------------------------------------------------------------ training
-    def _flatten(self, groups: list[PreferenceGroup]) -> tuple[list[list[int]], list[list[int]]]:
-        prompts = [g.prompt_ids for g in groups for _ in g.responses]
-        responses = [r for g in groups for r in g.responses]
-        return prompts, responses
-
     def train(self, batch: PreferenceBatch, iteration: int, progress: Ticker | None = None) -> dict:
         """Train one iteration on this rank's shard; returns per-rank metrics (the driver averages).
 
         Rank 0 counts its optimizer steps on `progress` (every rank runs the same number)."""
         import deepspeed
 
-        shard = shard_for_rank(batch.groups, self.rank, self.world)
-        if not shard:
+        indices = shard_for_rank(list(range(len(batch.groups))), self.rank, self.world)
+        if not indices:
             return {"steps": 0, "trained_pairs": 0}
-        k = len(shard[0].responses)
+        shard = [batch.groups[i] for i in indices]
+        weights = (
+            rank_pair_weights(batch.groups, self.rank, self.world, self.algo_cfg) if self.method.weighted else None
+        )
         ref_logps = None
-        if self.algorithm.needs_reference:
+        if self.method.needs_reference:
             ref_weights = self.initial if self.initial is not None else self.weights
             ref_model = self._model(ref_weights).eval()
-            ref_logps, _ = batched_sequence_logprobs(ref_model, *self._flatten(shard), self.pad_id)
-            ref_logps = ref_logps.view(len(shard), k)
+            ref_logps, _ = batched_sequence_logprobs(ref_model, *flatten(shard), self.pad_id)
+            ref_logps = ref_logps.view(len(shard), -1)
             del ref_model
         model = self._model(self.weights)
         if self.train_cfg.gradient_checkpointing:
@@ -226,6 +338,7 @@ class TrainerWorker:
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=ds_config(self.train_cfg, self.world),
         )
+        load_fp32_masters(engine, self.weights)  # bf16: DeepSpeed's masters would be the rounded module
         tick = progress if progress is not None and self.rank == 0 else Ticker()
         widths = [len(g.prompt_ids) + max(map(len, g.responses)) for g in shard]
         mb = self.train_cfg.micro_batch_size
@@ -234,20 +347,15 @@ class TrainerWorker:
         for epoch in range(self.train_cfg.epochs):
             rng = random.Random(hash((self.seed, iteration, epoch)))
             for idx in micro_batches(widths, mb, rng, self.train_cfg.group_by_length):
-                groups = [shard[i] for i in idx]
-                logps, lengths = sequence_logprobs(engine, *self._flatten(groups), self.pad_id)
-                inputs = LossInputs(
-                    logps=logps.view(len(groups), k),
-                    lengths=lengths.view(len(groups), k),
-                    rewards=torch.tensor([g.rewards for g in groups], dtype=torch.float32, device=logps.device),
-                    ref_logps=ref_logps[idx].to(logps.device) if ref_logps is not None else None,
+                inputs = loss_inputs(
+                    engine,
+                    [shard[i] for i in idx],
+                    self.method,
+                    self.pad_id,
+                    ref_logps[idx] if ref_logps is not None else None,
+                    weights[idx] if weights is not None else None,
                 )
-                if self.algorithm.needs_sft_target and self.algorithm.pair_rule != "ground_truth":
-                    sft, sft_len = sequence_logprobs(
-                        engine, [g.prompt_ids for g in groups], [g.sft_ids or [] for g in groups], self.pad_id
-                    )
-                    inputs.sft_logps, inputs.sft_lengths = sft, sft_len
-                per_item, item_stats = self.algorithm.loss(inputs, self.algo_cfg)
+                per_item, item_stats = LOSSES[self.method.loss](inputs, self.algo_cfg)
                 loss = per_item.mean()
                 engine.backward(loss)
                 engine.step()
@@ -266,19 +374,31 @@ class TrainerWorker:
         return out
 
     def _gather(self, engine) -> StateDict:
-        """Full fp32 weights on CPU, on every rank (ZeRO-3 gathers each partitioned parameter)."""
-        module = engine.module
-        if self.train_cfg.zero_stage == 3:
-            from deepspeed.runtime.zero import GatheredParameters
+        """Full fp32 weights on CPU, on every rank: the optimizer's fp32 masters (under bf16 the module holds
+        only their bf16 rounding), assembled from every rank's fragment (a collective: all ranks run it)."""
+        from deepspeed.utils import safe_get_full_fp32_param
 
-            out = {}
-            for name, param in module.named_parameters():
-                with GatheredParameters([param]):
+        module = engine.module
+        masters = self.train_cfg.bf16  # in fp32 the module's parameters are the masters (no extra collective)
+        out: StateDict = {}
+        for name, param in module.named_parameters():
+            full = safe_get_full_fp32_param(param) if masters and param.requires_grad else None
+            if full is None and not param.requires_grad and name in self.weights:
+                out[name] = self.weights[name]  # frozen: unchanged, and still fp32
+            elif full is None:  # no master copy (not an optimizer parameter): the module's own values
+                if hasattr(param, "ds_id"):
+                    from deepspeed.runtime.zero import GatheredParameters
+
+                    with GatheredParameters([param]):
+                        out[name] = param.detach().float().cpu().clone()
+                else:
                     out[name] = param.detach().float().cpu().clone()
-            for name, buf in module.named_buffers():
-                out[name] = buf.detach().cpu().clone()
-        else:
-            out = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+            else:
+                out[name] = full.detach().float().cpu().clone()
+        for name, buf in module.named_buffers():
+            old = self.weights.get(name)
+            # buffers are not trained; under bf16 the module holds a rounded copy of the fp32 original
+            out[name] = old if old is not None and old.dtype != buf.dtype else buf.detach().cpu().clone()
         # Tied embeddings share storage: keep the names the checkpoint format expects.
         for key in self.weights:
             if key not in out:
@@ -287,17 +407,14 @@ class TrainerWorker:
         return {k: out[k] for k in self.weights}
 
     def extrapolate(self, alpha: float) -> float:
-        """APO: theta <- theta_hat + alpha * (theta_hat - theta_hat_prev); returns the step's L2 norm."""
+        """APO: theta <- theta_hat + alpha * (theta_hat - theta_hat_prev); returns the step's L2 norm.
+
+        Call only after an iteration that trained (the driver skips it otherwise), so the previous-iterate
+        slot always holds an optimiser output theta_hat, never an extrapolated point."""
         trained = self.weights
-        step_sq = 0.0
-        new = {}
-        for name, w in trained.items():
-            delta = w - self.trained_prev[name]
-            step_sq += float((alpha * delta).pow(2).sum())
-            new[name] = w + alpha * delta
+        self.weights, step = apo_extrapolate(trained, self.trained_prev, alpha)
         self.trained_prev = trained
-        self.weights = new
-        return step_sq**0.5
+        return step
 
     def memory_mb(self) -> dict[str, float]:
         """Resident memory of this rank's process (benchmarks): after start-up (libraries loaded, no model)
@@ -306,20 +423,24 @@ class TrainerWorker:
 
     # ------------------------------------------------------------ weights out
     def init_nccl_sync(self, engines: list, world_size: int, dtype: str) -> None:
-        """GPU path, rank 0: open vLLM's NCCL weight-transfer group with every engine worker."""
+        """GPU path, rank 0: open vLLM's NCCL weight-transfer group with every engine worker.
+
+        `world_size` is 1 + num_engines x TP; engine i's workers take ranks 1 + i*TP .. (i+1)*TP
+        (`EngineRanksClient`). The store is served here, on rank 0's node; the fp32 weights go out in the
+        engine's `dtype`."""
         import ray
-        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
         from workers.actor_group import free_port
+        from workers.weight_sync import EngineRanksClient
 
         info = NCCLTrainerInitInfo(
             master_address=ray.util.get_node_ip_address(), master_port=free_port(), world_size=world_size, rank=0
         )
         source = state_dict_source(self, getattr(torch, dtype), self.device)
         self.nccl_sync = WeightTransferTrainerFactory.trainer_init(
-            info, client=RayVLLMWeightSyncClient(engines), source=source
+            info, client=EngineRanksClient(engines), source=source
         )
 
     def send_weights(self) -> None:
@@ -348,7 +469,7 @@ class TrainerWorker:
         model = self._model(self.weights)
         model.save_pretrained(os.path.join(path, "policy"), safe_serialization=True)
         AutoTokenizer.from_pretrained(self.model_path).save_pretrained(os.path.join(path, "policy"))
-        if self.algorithm.extrapolate:
+        if self.method.extrapolates:
             prev = {k: v.clone().contiguous() for k, v in self.trained_prev.items()}  # untie shared storage
             save_file(prev, os.path.join(path, "apo_prev.safetensors"))
 
