@@ -57,7 +57,9 @@ class DataConfig(_Section):
     num_train_prompts: int = Field(256, ge=1)
     num_eval_prompts: int = Field(64, ge=1)
     max_samples: int | None = Field(None, ge=1)
-    max_prompt_length: int = Field(64, ge=4)
+    # Longest rendered prompt (chat template and system turn included); default: what the engine's context
+    # leaves beside the response, rollout.max_model_len - rollout.max_new_tokens.
+    max_prompt_length: int | None = Field(None, ge=4)
     long_prompts: Literal["skip", "truncate"] = "skip"
     # None: the same prompt set every iteration (SPIN, OPTune). N: iteration k takes the k-th slice of N
     # prompts of the shuffled train set, wrapping around (RLHFlow's fresh prompts per iteration).
@@ -234,6 +236,13 @@ class RunConfig(_Section):
             raise ValueError("reward.model_path: reward.kind=model needs the path of a sequence-classification model")
         if self.reward.kind == "remote" and not self.reward.url:
             raise ValueError("reward.url: reward.kind=remote needs the scoring endpoint's URL")
+        if self.data.max_prompt_length is None:
+            if r.max_model_len - r.max_new_tokens < 4:
+                raise ValueError(
+                    f"rollout.max_model_len={r.max_model_len} leaves no room for a prompt beside "
+                    f"rollout.max_new_tokens={r.max_new_tokens}; raise rollout.max_model_len"
+                )
+            self.data.max_prompt_length = r.max_model_len - r.max_new_tokens
         if self.data.max_prompt_length + r.max_new_tokens > r.max_model_len:
             raise ValueError(
                 f"rollout.max_model_len={r.max_model_len} is shorter than data.max_prompt_length "

@@ -27,6 +27,26 @@ class PromptSet:
         return len(self.texts)
 
 
+def _ids(rendered) -> list[int]:
+    return list(rendered["input_ids"]) if hasattr(rendered, "keys") else list(rendered)
+
+
+def target_ids(tokenizer, messages: list[dict], response: str) -> list[int]:
+    """The ground-truth response as the model should generate it: its tokens as the chat template renders
+    the assistant turn, up to and including the template's end-of-turn token (Llama-3 ends turns with
+    <|eot_id|> while its eos_token is <|end_of_text|>; ChatML with <|im_end|>). Falls back to the
+    response's tokens + eos when the template does not render the turn after the generation prompt."""
+    prompt = _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    full = _ids(tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}]))
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if full[: len(prompt)] == prompt:
+        turn = full[len(prompt) :]
+        for i, tok in enumerate(turn):
+            if tok in special and tokenizer.decode(turn[:i]).strip() == response.strip():
+                return turn[: i + 1]
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def render(rows: list[dict], tokenizer, cfg: DataConfig, where: str) -> PromptSet:
     """Chat-template each prompt once; apply the length, empty and duplicate policies; count them."""
     counts = {"empty_prompts": 0, "duplicate_prompts": 0, "long_prompts_skipped": 0, "long_prompts_truncated": 0}
@@ -45,7 +65,7 @@ def render(rows: list[dict], tokenizer, cfg: DataConfig, where: str) -> PromptSe
         messages = row.get("messages") or [{"role": "user", "content": text}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
-        if len(ids) > cfg.max_prompt_length:
+        if cfg.max_prompt_length is not None and len(ids) > cfg.max_prompt_length:
             if cfg.long_prompts == "skip":
                 counts["long_prompts_skipped"] += 1
                 continue
@@ -54,12 +74,16 @@ def render(rows: list[dict], tokenizer, cfg: DataConfig, where: str) -> PromptSe
         out.texts.append(text)
         out.references.append(ref)
         out.prompt_ids.append(ids)
-        out.sft_ids.append(
-            None if ref is None else tokenizer(ref, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        )
+        out.sft_ids.append(None if ref is None else target_ids(tokenizer, messages, ref))
     out.counts = counts
     if not out.texts:
-        raise DataError(f"{where}: no usable prompts are left after filtering ({counts}); check the data file")
+        hint = "check the data file"
+        if counts["long_prompts_skipped"]:
+            hint = (
+                f"{counts['long_prompts_skipped']} rendered prompts are longer than data.max_prompt_length="
+                f"{cfg.max_prompt_length} tokens: raise it (with rollout.max_model_len), or set data.long_prompts=truncate"
+            )
+        raise DataError(f"{where}: no usable prompts are left after filtering ({counts}); {hint}")
     return out
 
 

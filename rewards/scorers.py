@@ -37,7 +37,16 @@ def load_function(spec: str) -> ScoreFn:
         else:
             module = importlib.import_module(module_name)
     except ImportError as e:
-        raise RewardError(f"reward.function '{spec}': cannot import module '{module_name}' ({e})") from None
+        hint = (
+            f"; for a function in a local file, give its path: reward.function={module_name}.py:{fn_name}"
+            if not module_name.endswith(".py")
+            else ""
+        )
+        raise RewardError(f"reward.function '{spec}': cannot import module '{module_name}' ({e}){hint}") from None
+    except SyntaxError as e:
+        raise RewardError(
+            f"reward.function '{spec}': {e.filename}, line {e.lineno}: {e.msg}; fix the reward file"
+        ) from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise RewardError(f"reward.function '{spec}': module '{module_name}' has no function '{fn_name}'")

@@ -35,7 +35,8 @@ def test_every_preset_validates(path):
         (["selection.rho=0.5"], "has no effect with selection.mode=all"),
         (["reward.kind=model"], "reward.model_path"),
         (["reward.kind=remote"], "reward.url"),
-        (["rollout.max_model_len=32"], "rollout.max_model_len"),
+        (["rollout.max_model_len=32", "data.max_prompt_length=64"], "rollout.max_model_len"),
+        (["rollout.max_model_len=18"], "rollout.max_model_len=18 leaves no room for a prompt"),
         (["noequals"], "key=value"),
     ],
 )

@@ -47,6 +47,7 @@ def test_nccl_init_gives_every_engine_worker_its_own_rank(ray_cluster, monkeypat
     world = 1 + num_engines * tp
     trainer = TrainerWorker.__new__(TrainerWorker)  # no process group needed for rank 0's sync set-up
     trainer.rank, trainer.device, trainer.weights = 0, torch.device("cpu"), {"w": torch.zeros(3)}
+    trainer.hf_config = SimpleNamespace(tie_word_embeddings=False)
     trainer.init_nccl_sync(engines, world, "bfloat16")
     assert len(opened) == 1 and opened[0].world_size == world and opened[0].rank == 0
 
@@ -194,7 +195,8 @@ def test_bf16_training_iterations_keep_fp32_weights(ray_cluster, model_path, sta
 def test_sync_source_sends_the_engine_dtype_from_fp32_masters():
     from workers.trainer import state_dict_source
 
-    trainer = SimpleNamespace(weights={"a": torch.randn(3, 2), "b": torch.randn(4)})
+    weights = {"a": torch.randn(3, 2), "b": torch.randn(4)}
+    trainer = SimpleNamespace(weights=weights, sync_weights=lambda: weights)
     source = state_dict_source(trainer, torch.bfloat16, torch.device("cpu"))
     assert [(m.name, m.dtype, m.shape) for m in source.metadata()] == [
         ("a", torch.bfloat16, (3, 2)),
@@ -227,3 +229,15 @@ def test_auto_sync_backend_needs_gpus_on_both_sides():
     assert resolve_backend(auto, False, trainers_have_gpus=True) == "cpu"
     assert resolve_backend(auto, False, trainers_have_gpus=False) == "cpu"
     assert resolve_backend(SyncConfig(backend="cpu"), True, trainers_have_gpus=True) == "cpu"
+
+
+def test_tied_output_projection_is_sent_once_under_the_embedding_name():
+    """Gemma2's vLLM model has no lm_head module when the embeddings are tied: sending it fails the sync."""
+    from workers.trainer import sync_state_dict
+
+    emb = torch.randn(5, 3)
+    weights = {"model.embed_tokens.weight": emb, "lm_head.weight": emb, "model.norm.weight": torch.ones(3)}
+    tied = sync_state_dict(weights, SimpleNamespace(tie_word_embeddings=True))
+    assert list(tied) == ["model.embed_tokens.weight", "model.norm.weight"]
+    untied = sync_state_dict(weights, SimpleNamespace(tie_word_embeddings=False))
+    assert list(untied) == list(weights)

@@ -104,6 +104,39 @@ def apo_extrapolate(trained: StateDict, trained_prev: StateDict, alpha: float) -
     return new, step_sq**0.5
 
 
+def sync_state_dict(weights: StateDict, hf_config) -> StateDict:
+    """`weights` less the output projection when it is tied to the input embeddings (sent once)."""
+    if not getattr(hf_config, "tie_word_embeddings", False):
+        return weights
+    return {k: v for k, v in weights.items() if k != "lm_head.weight"}
+
+
+# What a checkpoint keeps byte for byte from the model the run started from: the tokenizer's files and
+# the generation config (stop tokens such as Llama-3's end of turn live only there).
+MODEL_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+
+
+def copy_model_files(model_dir: str, out_dir: str) -> None:
+    """Copy the user's tokenizer files and generation config unchanged into a checkpoint's model dir."""
+    import shutil
+
+    for name in MODEL_FILES:
+        src = os.path.join(model_dir, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(out_dir, name))
+
+
 def release(engine) -> None:
     """Free an iteration's DeepSpeed engine for good: `destroy()` drops the gradient hooks that keep the
     model and optimizer alive (without it every iteration leaked one engine), then the heap is trimmed so
@@ -211,10 +244,10 @@ def state_dict_source(trainer: TrainerWorker, dtype: torch.dtype, device: torch.
 
     class StateDictSource(WeightSource):
         def metadata(self) -> list:
-            return [ParamMeta(k, dtype, tuple(v.shape)) for k, v in trainer.weights.items()]
+            return [ParamMeta(k, dtype, tuple(v.shape)) for k, v in trainer.sync_weights().items()]
 
         def __iter__(self):
-            for k, v in trainer.weights.items():
+            for k, v in trainer.sync_weights().items():
                 yield k, v.to(device=device, dtype=dtype, non_blocking=True)
 
     return StateDictSource()
@@ -450,14 +483,16 @@ class TrainerWorker:
     def get_weights(self) -> StateDict:
         return self.weights
 
+    def sync_weights(self) -> StateDict:
+        """What the engines load: the HF state dict with tied weights sent once, under the embedding's name
+        (engines whose model has no `lm_head` module when it is tied, Gemma2's among them, reject it)."""
+        return sync_state_dict(self.weights, self.hf_config)
+
     def weights_for_sync(self) -> dict:
         """The current weights for the CPU sync path, as zero-copy numpy views (`cpu_transfer.to_wire`)."""
         from workers.cpu_transfer import to_wire
 
-        return to_wire(self.weights)
-
-    def get_trained_prev(self) -> StateDict:
-        return self.trained_prev
+        return to_wire(self.sync_weights())
 
     def save(self, path: str) -> None:
         """Checkpoint: `path/policy` (HF model dir, safetensors + tokenizer) and APO's previous iterate."""
@@ -467,8 +502,10 @@ class TrainerWorker:
         from transformers import AutoTokenizer
 
         model = self._model(self.weights)
-        model.save_pretrained(os.path.join(path, "policy"), safe_serialization=True)
-        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(os.path.join(path, "policy"))
+        policy = os.path.join(path, "policy")
+        model.save_pretrained(policy, safe_serialization=True)
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(policy)
+        copy_model_files(self.model_path, policy)
         if self.method.extrapolates:
             prev = {k: v.clone().contiguous() for k, v in self.trained_prev.items()}  # untie shared storage
             save_file(prev, os.path.join(path, "apo_prev.safetensors"))
