@@ -36,7 +36,7 @@ def test_every_preset_validates(path):
         (["reward.kind=model"], "reward.model_path"),
         (["reward.kind=remote"], "reward.url"),
         (["rollout.max_model_len=32", "data.max_prompt_length=64"], "rollout.max_model_len"),
-        (["rollout.max_model_len=18"], "rollout.max_model_len=18 leaves no room for a prompt"),
+        (["rollout.max_model_len=16", "rollout.max_new_tokens=14"], "max_model_len=16 leaves no room for a prompt"),
         (["noequals"], "key=value"),
     ],
 )
