@@ -26,6 +26,7 @@ RESUMABLE = (
     "iterations",
     "call_timeout_s",
     "quiet",
+    "verbose",
     "tensorboard",
     "wandb",
     "wandb_project",

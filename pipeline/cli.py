@@ -27,7 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. iterations=4 algorithm.name=ipo")
     run.add_argument("--resume", action="store_true", help="continue from the last complete iteration in output_dir")
     run.add_argument("--dry-run", action="store_true", help="validate and print the resource plan; start nothing")
-    run.add_argument("--quiet", action="store_true", help="plain log lines: no progress display, no actor output")
+    run.add_argument("--quiet", action="store_true", help="plain log lines: no progress display")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="stream the actors' own output (vLLM, DeepSpeed) to the console instead of OUTPUT_DIR/logs/",
+    )
     rep = sub.add_parser("report", help="rebuild the report of one run, or compare several")
     rep.add_argument("runs", nargs="+", help="run directories")
     rep.add_argument("--out", help="where to write (default: the run dir; required for several runs)")
@@ -52,11 +57,37 @@ def main(argv: list[str] | None = None) -> int:
         _stop_on_sigterm()
     try:
         return _dispatch(args)
-    except Exception as e:  # user mistakes get one line, no traceback
+    except Exception as e:  # user mistakes get one line, no traceback; an actor's failure one line and its log
+        log = getattr(e, "onalign_log", None)
         if type(e).__name__ in USER_ERRORS:
             print(f"onalign: error: {e}", file=sys.stderr)
+            if log:
+                print(f"onalign: details in {log}", file=sys.stderr)
             return 2
+        if any(type(c).__name__ == "GetTimeoutError" for c in _causes(e)):  # a wait at start-up, outside the loop
+            print(
+                "onalign: error: the actors did not answer within call_timeout_s (Ray's GetTimeoutError); starting "
+                "vLLM and DeepSpeed can take minutes on a busy or first-time machine: raise call_timeout_s",
+                file=sys.stderr,
+            )
+            if log:
+                print(f"onalign: details in {log}", file=sys.stderr)
+            return 2
+        if log:
+            from pipeline.console import failure_line
+
+            print(f"onalign: error: {failure_line(e)}", file=sys.stderr)
+            print(f"onalign: details in {log}", file=sys.stderr)
+            return 1
         raise
+
+
+def _causes(e: BaseException | None):
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def _dispatch(args) -> int:
@@ -80,13 +111,33 @@ def _dispatch(args) -> int:
         overrides.append("resume=true")
     if args.quiet:
         overrides.append("quiet=true")
+    if args.verbose:
+        overrides.append("verbose=true")
     cfg = load_config(args.config, overrides)
     if args.dry_run:
-        from pipeline.driver import init_ray
+        import os
+
+        import ray
+
+        from pipeline.driver import check_run
         from pipeline.placement import cluster_nodes, dry_run
 
-        init_ray(cfg)  # the connected cluster (RAY_ADDRESS) or this machine
-        print(dry_run(cfg, cluster_nodes()))
+        prep = check_run(cfg)  # every check a run makes before its actors start; writes nothing
+        resume = f", resuming after iteration {prep.rundir.resume_from}" if prep.rundir.resume_from else ""
+        print(
+            f"checked: model {prep.model_path}; {len(prep.train)} train / {len(prep.eval)} eval prompts; "
+            f"reward {cfg.reward.kind}; output_dir {prep.rundir.where}{resume}"
+        )
+        if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+            from pipeline.driver import init_ray
+
+            init_ray(cfg)  # join the cluster a run would use (starts nothing)
+            nodes = cluster_nodes()
+        else:  # this machine, as the local Ray a run starts would see it, without starting one
+            import torch
+
+            nodes = [{"CPU": float(cfg.ray_num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+        print(dry_run(cfg, nodes))
         return 0
     from pipeline.driver import run
 

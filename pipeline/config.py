@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.methods import METHODS
 
@@ -100,6 +100,24 @@ class RewardConfig(_Section):
     num_cpus: float = Field(0.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
 
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return url
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+        except ValueError as e:
+            raise ValueError(f"reward.url '{url}' is not a valid URL ({e})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"reward.url '{url}' must be an http:// or https:// URL with a host, e.g. http://localhost:8000/score"
+            )
+        return url
+
 
 class SelectionConfig(_Section):
     """OPTune (arXiv 2406.07657) low-reward prompt selection."""
@@ -167,7 +185,7 @@ class EvalConfig(_Section):
 
 
 class RunConfig(_Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's and vLLM's seeds are unsigned 32-bit
     iterations: int = Field(3, ge=0)
     output_dir: str = "runs/onalign"
     # true / "auto": continue after the last complete checkpoint in output_dir (a fresh start if none).
@@ -175,6 +193,8 @@ class RunConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     call_timeout_s: float = Field(900.0, gt=0)
     quiet: bool = False
+    # Stream the actors' own output (vLLM, DeepSpeed) to the console; by default it goes to OUTPUT_DIR/logs/.
+    verbose: bool = False
     tensorboard: bool = True
     # W&B (when installed): offline unless WANDB_MODE=online; files under OUTPUT_DIR/wandb/.
     wandb: bool = False
@@ -229,6 +249,12 @@ class RunConfig(_Section):
             raise ValueError(
                 "data.prompts_per_iteration takes fresh prompts every iteration, while OPTune selection "
                 f"(selection.mode={self.selection.mode}) re-ranks one fixed prompt set: use one or the other"
+            )
+        if self.data.eval is not None and self.data.train in (BUILTIN_TASK, BUILTIN_ARITHMETIC_TASK):
+            raise ValueError(
+                f"data.eval: the built-in task data.train={self.data.train} makes its own held-out prompts "
+                "(data.num_eval_prompts of them) and would ignore data.eval; remove data.eval, or give data.train "
+                "a data file"
             )
         if self.train.offload_params and self.train.zero_stage != 3:
             raise ValueError("train.offload_params needs train.zero_stage=3 (parameter offload is a ZeRO-3 feature)")

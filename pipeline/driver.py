@@ -14,7 +14,7 @@ import ray
 
 from pipeline.checkpoint import ResumeError, check_fingerprint, check_resume_config, fingerprint_of, plan_resume
 from pipeline.config import BUILTIN_MODEL, BUILTIN_SMOLLM2, RunConfig
-from pipeline.console import Console
+from pipeline.console import ActorLogs, Console
 from pipeline.data import DataError, PromptSet, load_prompt_sets
 from pipeline.loop import Loop, Workers
 from pipeline.methods import get_method
@@ -43,26 +43,157 @@ def resolve_model(cfg: RunConfig) -> str:
         from pipeline.smollm2 import smollm2_path
 
         return str(smollm2_path())
-    p = Path(m.path)
+    return _model_dir(m.path, "model.path")
+
+
+def _model_dir(path: str, key: str) -> str:
+    """`path` when it is an HF model directory, or a Hub name whose model is in the local HF cache (or, when
+    the Hub may be asked, on the Hub). A path that is neither fails at once, naming `key`: it is never sent
+    to the Hub to be retried for a minute."""
+    p = Path(path)
     if p.exists():
-        if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"model.path '{p}' has no config.json; point it at an HF model directory")
-        if not any(p.glob("*.safetensors")):
-            raise FileNotFoundError(
-                f"model.path '{p}' has no .safetensors weights; onalign loads safetensors only "
-                "(convert with `model.save_pretrained(dir, safe_serialization=True)`)"
-            )
+        _check_model_files(p, key)
         return str(p)
-    if p.is_absolute() or m.path.startswith("."):
-        raise FileNotFoundError(f"model.path '{p}' does not exist; set model.path to an HF model directory")
-    return m.path  # a hub name: resolved by transformers/vLLM on the cluster
+    if p.is_absolute() or path.startswith((".", "~")):
+        raise FileNotFoundError(f"{key} '{p}' does not exist; set {key} to an HF model directory")
+    _check_hub_model(path, key)
+    return path  # a hub name: resolved by transformers/vLLM on the cluster (from its cache, or the Hub)
+
+
+def _check_model_files(p: Path, key: str) -> None:
+    if not p.is_dir():
+        raise FileNotFoundError(f"{key} '{p}' is a file, not a directory; point it at an HF model directory")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{key} '{p}' has no config.json; point it at an HF model directory")
+    if not any(p.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"{key} '{p}' has no .safetensors weights; onalign loads safetensors only "
+            "(convert with `model.save_pretrained(dir, safe_serialization=True)`)"
+        )
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def _cached_snapshot(name: str) -> str | None:
+    """The local HF cache's copy of hub model `name` (no network), or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return str(snapshot_download(name, local_files_only=True))
+    except (OSError, ValueError):  # LocalEntryNotFoundError (not cached), HFValidationError (not a hub name)
+        return None
+
+
+def _check_hub_model(name: str, key: str) -> None:
+    """A name that is no local path: found in the local HF cache, else asked of the Hub once (never when
+    HF_HUB_OFFLINE is set); any miss is one line naming `key`."""
+    from huggingface_hub.utils import validate_repo_id
+
+    where = f"{key} '{name}' is not a directory (relative to {Path.cwd()})"
+    try:
+        validate_repo_id(name)
+    except ValueError:
+        raise FileNotFoundError(
+            f"{where} and not a Hugging Face Hub model name; set {key} to an HF model directory"
+        ) from None
+    snapshot = _cached_snapshot(name)
+    if snapshot is not None:
+        _check_model_files(Path(snapshot), key)
+        return
+    fix = f"fix {key}, or download the model first (`hf download {name}`)"
+    if _hub_offline():
+        raise FileNotFoundError(
+            f"{where}, and no Hub model '{name}' is in the local Hugging Face cache (HF_HUB_OFFLINE is set, so the "
+            f"Hub is not asked); {fix}"
+        )
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"{where}, not in the local Hugging Face cache, and the Hub has no model '{name}' (a private or gated "
+            f"one needs `hf auth login`); fix {key}"
+        ) from None
+    except Exception as e:  # no network, DNS, proxy, TLS: one try, no minute of retries
+        raise FileNotFoundError(
+            f"{where}, not in the local Hugging Face cache, and the Hub cannot be reached ({type(e).__name__}); "
+            f"{fix}, or set HF_HUB_OFFLINE=1 to use the cache only"
+        ) from None
+
+
+def _local_files(path: str) -> str:
+    """Where the model's files can be read without the network: the directory, or the cached snapshot."""
+    return path if Path(path).is_dir() else (_cached_snapshot(path) or path)
+
+
+def load_tokenizer(path: str, key: str, trust_remote_code: bool = False):
+    """The model's config and tokenizer, checked: one line naming `key` when either cannot be loaded or the
+    tokenizer has no chat template (every prompt is rendered through it)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pipeline.config import ConfigError
+
+    files = _local_files(path)
+    try:
+        AutoConfig.from_pretrained(files, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ConfigError(f"{key} '{path}': its config.json cannot be loaded ({_first_line(e)})") from None
+    need = "the model directory needs its tokenizer files (tokenizer.json or the vocabulary, and tokenizer_config.json)"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(files, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ConfigError(f"{key} '{path}': its tokenizer cannot be loaded ({_first_line(e)}); {need}") from None
+    if len(tokenizer) < 2:  # transformers builds an empty tokenizer when the files are missing
+        raise ConfigError(f"{key} '{path}' has no tokenizer (an empty vocabulary was loaded); {need}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"{key} '{path}' has no chat template, and every prompt is rendered through it: add one to the model "
+            "directory (a 'chat_template' entry in tokenizer_config.json, or a chat_template.jinja file), or use "
+            "the model's instruct/chat variant"
+        )
+    return tokenizer
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def check_run(cfg: RunConfig) -> Prepared:
+    """`--dry-run`: every check `prepare` makes (config, output_dir and resume, reward, model config and
+    tokenizer, data), writing nothing: output_dir is not even created."""
+    return _check_all(cfg, create=False)[0]
 
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Every check that needs no actor. Nothing in output_dir is written until all of them passed."""
-    from transformers import AutoTokenizer
+    prep, changes = _check_all(cfg, create=True)
+    rundir = prep.rundir
+    # ---- every check passed: now the directory may be written
+    if not rundir.resume_from:  # a new run (or one started over): the replaced run's records go
+        rundir.config_changes_path.unlink(missing_ok=True)
+        if not cfg.resume:
+            rundir.truncate_to(-1)  # stale samples of a run that never recorded a metrics row
+    (rundir.root / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    if changes:
+        rundir.append_config_change({"iteration": rundir.resume_from + 1, "changes": changes})
+    return prep
 
-    rundir = _prepare_rundir(cfg)
+
+def _check_all(cfg: RunConfig, create: bool) -> tuple[Prepared, dict]:
+    """The checks of `prepare`, in order of cost; `create`: make output_dir (and prove it writable) first.
+    Returns what was prepared and the settings changed on resume."""
+    from pipeline.placement import check as check_plan
+
+    check_plan(cfg)  # GPU settings that can never run, whatever the cluster
+    rundir = _prepare_rundir(cfg, create)
     changes = _plan_resume(cfg, rundir)
     if cfg.reward.kind == "function":
         from rewards.scorers import load_function
@@ -72,10 +203,9 @@ def prepare(cfg: RunConfig) -> Prepared:
         from rewards.model import resolve_reward_model
 
         rm = resolve_reward_model(cfg.reward.model_path or "")  # builds the tiny RM once, before any actor
-        if Path(rm).is_absolute() and not (Path(rm) / "config.json").is_file():
-            raise FileNotFoundError(f"reward.model_path '{rm}' is not an HF model directory (no config.json)")
+        load_tokenizer(_model_dir(rm, "reward.model_path"), "reward.model_path", cfg.reward.trust_remote_code)
     model_path = resolve_model(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, "model.path", cfg.model.trust_remote_code)
     train, eval_set = load_prompt_sets(cfg.data, tokenizer, cfg.seed)
     check_trainable(cfg, train, eval_set)
     if rundir.resume_from:
@@ -83,15 +213,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         check_fingerprint(
             state, fingerprint_of(cfg, len(train), len(eval_set)), rundir.checkpoint_path(rundir.resume_from)
         )
-    # ---- every check passed: now the directory may be written
-    if not rundir.resume_from:  # a new run (or one started over): the replaced run's records go
-        rundir.config_changes_path.unlink(missing_ok=True)
-        if not cfg.resume:
-            rundir.truncate_to(-1)  # stale samples of a run that never recorded a metrics row
-    (rundir.root / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    if changes:
-        rundir.append_config_change({"iteration": rundir.resume_from + 1, "changes": changes})
-    return Prepared(cfg, model_path, train, eval_set, rundir)
+    return Prepared(cfg, model_path, train, eval_set, rundir), changes
 
 
 def check_trainable(cfg: RunConfig, train: PromptSet, eval_set: PromptSet) -> None:
@@ -109,24 +231,31 @@ def check_trainable(cfg: RunConfig, train: PromptSet, eval_set: PromptSet) -> No
             f"data.train: {len(train)} usable prompt(s) after filtering {train.counts}, fewer than the "
             f"train.num_workers={cfg.train.num_workers} ranks that each need one; add prompts"
         )
-    shared = set(train.texts) & set(eval_set.texts)
+    train_prompts = {tuple(ids): text for ids, text in zip(train.prompt_ids, train.texts, strict=True)}
+    shared = [
+        text for ids, text in zip(eval_set.prompt_ids, eval_set.texts, strict=True) if tuple(ids) in train_prompts
+    ]
     if cfg.data.eval is None and shared:
         raise DataError(
-            f"data: {len(shared)} eval prompt(s) are also train prompts (e.g. {next(iter(shared))[:60]!r}); the data "
+            f"data: {len(shared)} eval prompt(s) are also train prompts (e.g. {shared[0][:60]!r}); the data "
             "has too few distinct prompts to hold some out; add distinct prompts or give data.eval"
         )
 
 
-def _prepare_rundir(cfg: RunConfig) -> RunDir:
+def _prepare_rundir(cfg: RunConfig, create: bool = True) -> RunDir:
     """Create output_dir (never for a resume of a directory that does not exist), prove it writable, and
-    read its records: a damaged metrics or samples file stops a fresh run as well as a resume."""
+    read its records: a damaged metrics or samples file stops a fresh run as well as a resume. Without
+    `create` (--dry-run) nothing is created or written: only whether it could be."""
     rundir = RunDir(cfg.output_dir)
     if cfg.resume is True and rundir.url is None and not rundir.root.exists():
         raise ResumeError(
             f"output_dir '{rundir.root}' does not exist, so there is no run to resume; check the path, or drop "
             "--resume to start a new run there"
         )
-    rundir.prepare()
+    if create:
+        rundir.prepare()
+    else:
+        _check_writable(rundir)
     rundir.read_samples()
     if not cfg.resume and (rundir.read_metrics() or rundir.complete_checkpoints()):
         raise RunDirError(
@@ -134,6 +263,27 @@ def _prepare_rundir(cfg: RunConfig) -> RunDir:
             "continue it, or choose a new output_dir"
         )
     return rundir
+
+
+def _check_writable(rundir: RunDir) -> None:
+    """Whether output_dir could be created and written, creating nothing in it (a remote one is read into its
+    local staging copy, as a run would, so its records can be checked)."""
+    if rundir.url is not None:
+        try:
+            rundir.pull()
+        except Exception as e:
+            raise RunDirError(f"output_dir '{rundir.url}' cannot be read ({type(e).__name__}: {e})") from None
+        return
+    p = rundir.root.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent  # the directory output_dir would be created in
+    problem = None if p.is_dir() else "Not a directory"
+    if problem is None and not os.access(p, os.W_OK | os.X_OK):
+        problem = "Permission denied"
+    if problem:
+        raise RunDirError(
+            f"output_dir '{rundir.root}' is not writable ({problem}: {p}); choose another with output_dir=PATH"
+        )
 
 
 def _plan_resume(cfg: RunConfig, rundir: RunDir) -> dict:
@@ -152,19 +302,22 @@ def init_ray(cfg: RunConfig) -> None:
     """Join the cluster named by RAY_ADDRESS (or the job's cluster), else start a local one."""
     if ray.is_initialized():
         return
+    import logging
+
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
-    # quiet: the actors' own output (vLLM, DeepSpeed) stays in Ray's log files, out of the console/job logs
-    log_to_driver = not cfg.quiet
+    # By default the actors' own output (vLLM, DeepSpeed) stays out of the console and the job logs: each
+    # run points it at OUTPUT_DIR/logs/ (`ActorLogs`); before that it is in Ray's log files. --verbose streams it.
+    console = {"log_to_driver": cfg.verbose, "logging_level": logging.INFO if cfg.verbose else logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
         # Under `ray job submit` the job's runtime env (working dir, env vars) applies: do not replace it.
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
+        ray.init(address=os.environ["RAY_ADDRESS"], **console)
     else:
         ray.init(
             num_cpus=cfg.ray_num_cpus or os.cpu_count(),
             include_dashboard=False,
             object_store_memory=1 << 30,
             runtime_env=env,
-            log_to_driver=log_to_driver,
+            **console,
         )
 
 
@@ -239,9 +392,14 @@ def run_with_workers(prep: Prepared, workers: Workers, console: Console | None =
     cfg = prep.cfg
     reporter = Reporter(prep.rundir, cfg, console or Console(cfg.quiet))
     reward = make_reward_actor(cfg)
+    logs = ActorLogs(prep.rundir.root, stream=cfg.verbose)
     try:
-        loop = Loop(cfg, workers, prep.model_path, prep.train, prep.eval, prep.rundir, reward, reporter)
-        return loop.run()
+        with logs.explaining():
+            named = {f"rollout-{i}": r for i, r in enumerate(workers.rollouts)}
+            named |= {f"trainer-{i}": t for i, t in enumerate(workers.trainers.actors)}
+            logs.attach({**named, "reward": reward}, cfg.call_timeout_s)
+            loop = Loop(cfg, workers, prep.model_path, prep.train, prep.eval, prep.rundir, reward, reporter)
+            return loop.run()
     finally:
         ray.kill(reward, no_restart=True)
         reporter.close()
@@ -252,9 +410,13 @@ def run(cfg: RunConfig) -> list[dict]:
     prep = prepare(cfg)
     console.log(
         f"model {prep.model_path}; {len(prep.train)} train / {len(prep.eval)} eval prompts; output {prep.rundir.root}"
+        + ("" if cfg.verbose else f" (actors' output in {prep.rundir.root / 'logs'}/)")
     )
     init_ray(cfg)
-    with console.status("starting vLLM engines and DeepSpeed trainers"):
+    with (
+        ActorLogs(prep.rundir.root, stream=cfg.verbose).explaining(),
+        console.status("starting vLLM engines and DeepSpeed trainers"),
+    ):
         workers = start_workers(cfg, prep.model_path)
     try:
         return run_with_workers(prep, workers, console)

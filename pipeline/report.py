@@ -1,18 +1,23 @@
 """Per-iteration reports, rebuilt from the run directory's files alone.
 
 `write_report(run_dir)` reads config.yaml, metrics.jsonl and samples.jsonl and writes report.md,
-report.html and plots/*.png beside them. `write_comparison(runs, out)` puts several runs on shared
+report.html, metrics.csv and plots/*.png beside them. The report leads with a two-line summary and the
+short per-iteration table (one `Table`, rendered to Markdown and to HTML); every metric follows in a
+collapsed section of the HTML and in metrics.csv. `write_comparison(runs, out)` puts several runs on shared
 axes. The driver calls `Reporter.iteration_done` after every iteration; `onalign report` calls the
 same functions on finished or interrupted runs.
 """
 
 from __future__ import annotations
 
+import csv
 import html
+import json
 import math
 import os
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -93,15 +98,35 @@ def _empty(ax, text: str) -> None:
 
 @contextmanager
 def _figure(path: Path, title: str):
-    """One small PNG: yields the axes, then titles, lays out, saves and closes the figure."""
+    """One PNG (750 x 480 px, shown about 580 px wide in report.html): yields the axes, then titles, lays
+    out, saves and closes the figure."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
     try:
         yield ax
         ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.set_axisbelow(True)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=150)
     finally:
         plt.close(fig)
+
+
+def _legend_below(ax, handles=None, labels=None) -> None:
+    """The legend in one row under the axes, where it covers no data."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    ax.legend(
+        handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(handles), fontsize=8, frameon=False
+    )
+
+
+def _violins(ax, dist: list[tuple[int, list[float]]], ylabel: str) -> None:
+    """One distribution per iteration (mean marked)."""
+    ax.violinplot([d for _, d in dist], positions=[i for i, _ in dist], showmeans=True)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    ax.set_xticks([i for i, _ in dist])
 
 
 def _plots(rows: list[dict], samples: list[dict], plot_dir: Path, algorithm: str) -> None:
@@ -115,36 +140,38 @@ def _plots(rows: list[dict], samples: list[dict], plot_dir: Path, algorithm: str
         ax.plot(its, [_num(r.get("win_rate_vs_initial")) for r in rows], "s--", label="win rate vs initial")
         ax.set_xlabel("iteration")
         ax.set_xticks(its)
-        ax.legend(fontsize=8)
+        _legend_below(ax)
 
     with _figure(plot_dir / "rollout_rewards.png", "Rollout reward distribution") as ax:
         dist = [(s["iteration"], s["rollout_rewards"]) for s in samples if s.get("rollout_rewards")]
         if dist:
-            ax.violinplot([d for _, d in dist], positions=[i for i, _ in dist], showmeans=True)
-            ax.set_xlabel("iteration")
-            ax.set_ylabel("reward")
+            _violins(ax, dist, "reward")
         else:
             _empty(ax, "no rollouts yet")
 
     with _figure(plot_dir / "loss.png", "Loss and pair accuracy") as ax:
         if any(r.get("loss") is not None for r in train_rows):
-            ax.plot(tits, [_num(r.get("loss")) for r in train_rows], "o-", label="loss")
+            ax.plot(tits, [_num(r.get("loss")) for r in train_rows], "o-", label="loss (left axis)")
             ax2 = ax.twinx()
-            ax2.plot(tits, [_num(r.get("pair_accuracy")) for r in train_rows], "s--", color="C1", label="pair accuracy")
+            ax2.plot(
+                tits,
+                [_num(r.get("pair_accuracy")) for r in train_rows],
+                "s--",
+                color="C1",
+                label="pair accuracy (right axis)",
+            )
             ax2.set_ylim(0, 1.05)
             ax.set_xlabel("iteration")
-            ax.legend(loc="upper left", fontsize=8)
-            ax2.legend(loc="upper right", fontsize=8)
+            ax.set_xticks(tits)
+            (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
+            _legend_below(ax, h1 + h2, l1 + l2)
         else:
             _empty(ax, "no training step yet")
 
     with _figure(plot_dir / "pair_weights.png", "wDPO pair weights") as ax:
         weights = [(s["iteration"], s["pair_weights"]) for s in samples if s.get("pair_weights")]
-        for it, w in weights:
-            ax.hist(w, bins=20, alpha=0.5, label=f"iter {it}")
         if weights:
-            ax.set_xlabel("pair weight g(beta2 * reward gap)")
-            ax.legend(fontsize=8)
+            _violins(ax, weights, "weight g(beta2 * reward gap)")
         else:
             _empty(ax, f"no pair weights: algorithm '{algorithm}' is not wdpo")
 
@@ -156,11 +183,12 @@ def _plots(rows: list[dict], samples: list[dict], plot_dir: Path, algorithm: str
             ax.bar(tits, saved, bottom=gen, label="saved by selection", color="C2")
             ax.set_xlabel("iteration")
             ax.set_ylabel("tokens")
-            ax.legend(fontsize=8)
+            ax.set_xticks(tits)
+            _legend_below(ax)
         else:
             _empty(ax, "no rollouts yet")
 
-    with _figure(plot_dir / "time.png", "Time breakdown") as ax:
+    with _figure(plot_dir / "time.png", "Time per iteration") as ax:
         if train_rows:
             bottom = [0.0] * len(train_rows)
             for key in TIME_KEYS:
@@ -169,7 +197,8 @@ def _plots(rows: list[dict], samples: list[dict], plot_dir: Path, algorithm: str
                 bottom = [a + b for a, b in zip(bottom, vals, strict=True)]
             ax.set_xlabel("iteration")
             ax.set_ylabel("seconds")
-            ax.legend(fontsize=8)
+            ax.set_xticks(tits)
+            _legend_below(ax)
         else:
             _empty(ax, "no iteration yet")
 
@@ -179,6 +208,195 @@ def _columns(rows: list[dict]) -> list[str]:
     for r in rows:
         cols += [k for k in r if k not in cols]
     return cols
+
+
+# ---------------------------------------------------------------- one table model, two renderings
+
+
+@dataclass
+class Table:
+    """Cells already formatted as text; rendered as a Markdown table and as an HTML table from the same
+    data. `keys` (optional) are the metric names behind the headers (HTML tooltips); `left` are the
+    indices of the columns of text (left-aligned; numbers are right-aligned)."""
+
+    header: list[str]
+    rows: list[list[str]]
+    keys: list[str] | None = None
+    left: tuple[int, ...] = ()
+
+    def markdown(self) -> list[str]:
+        def cell(text: str) -> str:
+            return text.replace("|", "\\|").replace("\n", " ")
+
+        align = [":---" if i in self.left else "---:" for i in range(len(self.header))]
+        lines = ["| " + " | ".join(map(cell, self.header)) + " |", "|" + "|".join(align) + "|"]
+        return lines + ["| " + " | ".join(map(cell, r)) + " |" for r in self.rows]
+
+    def html(self, css_class: str = "") -> str:
+        esc = html.escape
+
+        def attrs(i: int) -> str:
+            return " class='l'" if i in self.left else ""
+
+        keys = self.keys or [""] * len(self.header)
+        head = "".join(
+            f"<th{attrs(i)}{f' title={esc(k)!r}' if k else ''}>{esc(h)}</th>"
+            for i, (h, k) in enumerate(zip(self.header, keys, strict=True))
+        )
+        body = "".join(
+            "<tr>" + "".join(f"<td{attrs(i)}>{esc(c)}</td>" for i, c in enumerate(r)) + "</tr>" for r in self.rows
+        )
+        cls = f" class='{css_class}'" if css_class else ""
+        return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _saved_tokens(row: dict) -> float:
+    """Tokens the iteration did not generate thanks to prompt selection (0 for iteration 0)."""
+    gen, if_all = _num(row.get("generated_tokens")), _num(row.get("generated_tokens_if_all"))
+    return 0.0 if math.isnan(gen) or math.isnan(if_all) else max(if_all - gen, 0.0)
+
+
+def _cell(value, pattern: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    try:
+        return pattern.format(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+# (title, metric key, format): what a reader looks at first
+HEADLINE = [
+    ("iteration", "iteration", "{}"),
+    ("eval reward", "eval_reward_mean", "{:.3f}"),
+    ("win rate vs initial", "win_rate_vs_initial", "{:.2f}"),
+    ("rollout reward mean", "reward_mean", "{:.3f}"),
+    ("pairs", "pairs", "{}"),
+    ("loss", "loss", "{:.4f}"),
+    ("pair accuracy", "pair_accuracy", "{:.2f}"),
+    ("generated tokens", "generated_tokens", "{:,}"),
+    ("tokens saved", "tokens_saved", "{}"),
+    ("seconds", "time_total_s", "{:.1f}"),
+]
+
+
+def _headline_value(row: dict, key: str):
+    if key != "tokens_saved":
+        return row.get(key)
+    if row.get("generated_tokens_if_all") is None:
+        return None
+    return f"{_saved_tokens(row):,.0f} ({_num(row.get('generation_saved_fraction')):.0%})"
+
+
+def headline_table(rows: list[dict]) -> Table:
+    return Table(
+        header=[t for t, _, _ in HEADLINE],
+        rows=[[_cell(_headline_value(r, k), p) for _, k, p in HEADLINE] for r in rows],
+        keys=[k for _, k, _ in HEADLINE],
+    )
+
+
+def full_table(rows: list[dict]) -> Table:
+    cols = _columns(rows)
+    return Table(header=cols, rows=[[_fmt(r.get(c)) for c in cols] for r in rows], keys=cols)
+
+
+def write_metrics_csv(rows: list[dict], path: Path) -> None:
+    """Every metric of every iteration, full precision (lists and mappings as JSON)."""
+    cols = _columns(rows)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow(
+                ["" if r.get(c) is None else json.dumps(r[c]) if isinstance(r[c], list | dict) else r[c] for c in cols]
+            )
+
+
+def summary_lines(rows: list[dict], cfg: dict) -> list[str]:
+    """The report's two opening lines: eval reward from start to end (and its best iteration), and the
+    generation that prompt selection saved."""
+    evals = [(r["iteration"], _num(r.get("eval_reward_mean"))) for r in rows]
+    evals = [(i, v) for i, v in evals if not math.isnan(v)]
+    if not evals:
+        return ["No iteration recorded yet.", "Generation saved: none yet."]
+    (i0, start), (i1, final) = evals[0], evals[-1]
+    best_it, best = max(evals, key=lambda e: e[1])
+    if i1 == i0:
+        first = f"Eval reward {start:.3f} at iteration {i0}; no training iteration recorded yet."
+    else:
+        first = (
+            f"Eval reward {start:.3f} → {final:.3f} ({final - start:+.3f}) from iteration {i0} to {i1}; "
+            f"best {best:.3f} at iteration {best_it}."
+        )
+    trained = [r for r in rows if r["iteration"] > 0]
+    saved = sum(_saved_tokens(r) for r in trained)
+    if_all = _total(r.get("generated_tokens_if_all") for r in trained)
+    generated = _total(r.get("generated_tokens") for r in trained)
+    mode, rho = _get(cfg, "selection", "mode", default="all"), _get(cfg, "selection", "rho", default=1.0)
+    if not trained:
+        second = "Generation saved: none yet (no training iteration)."
+    elif mode == "all" and not saved:
+        second = (
+            f"Generation saved: 0 tokens; selection.mode=all regenerates every prompt ({generated:,.0f} generated)."
+        )
+    else:
+        share = f" ({saved / if_all:.0%})" if if_all else ""
+        second = (
+            f"Generation saved: {saved:,.0f} of {if_all:,.0f} tokens{share} by prompt selection ({mode}, rho={rho})."
+        )
+    return [first, second]
+
+
+def _examples_table(examples: list[dict]) -> Table:
+    return Table(
+        header=["prompt", "initial", "reward", "latest", "reward"],
+        rows=[
+            [
+                e["prompt"],
+                repr(e["initial"]),
+                f"{e['initial_reward']:.3f}",
+                repr(e["latest"]),
+                f"{e['latest_reward']:.3f}",
+            ]
+            for e in examples
+        ],
+        left=(0, 1, 3),
+    )
+
+
+# ---------------------------------------------------------------- pages
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#1f2328;margin:0;background:#fff}
+main{max-width:1200px;margin:0 auto;padding:24px 32px 48px}
+h1{font-size:24px;margin:0 0 8px}h2{font-size:18px;margin:32px 0 10px;border-bottom:1px solid #d8dee4;padding-bottom:4px}
+.summary{font-size:16px;line-height:1.6;margin:8px 0 20px;padding:10px 14px;background:#f6f8fa;border-left:4px solid #2f81f7}
+table{border-collapse:collapse;font-size:13px;font-variant-numeric:tabular-nums}
+th,td{border:1px solid #d8dee4;padding:4px 8px;text-align:right;white-space:nowrap}
+th{background:#f6f8fa;font-weight:600}th.l,td.l{text-align:left;white-space:normal}
+tbody tr:nth-child(even){background:#fbfcfd}
+.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(460px,1fr));gap:12px}
+.plots img{width:100%;height:auto;border:1px solid #d8dee4;border-radius:4px}
+.wide{overflow-x:auto;max-width:100%}details{margin-top:32px}summary{cursor:pointer;font-size:16px;font-weight:600}
+.examples td{max-width:340px;overflow-wrap:anywhere}code{font-size:13px}.muted{color:#59636e}
+"""
+
+
+def _page(title: str, body: list[str]) -> str:
+    return "\n".join(
+        [
+            "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+            f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body><main>",
+            *body,
+            "</main></body></html>",
+        ]
+    )
+
+
+def _run_name(rd: RunDir) -> str:
+    return rd.where.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _summary(cfg: dict) -> list[tuple[str, str]]:
@@ -228,8 +446,8 @@ def _examples(samples: list[dict]) -> list[dict]:
 
 
 def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
-    """Rebuild report.md, report.html and plots/ from the run's files; returns the HTML path. A missing or
-    damaged run directory is a RunDirError naming the file (and line)."""
+    """Rebuild report.md, report.html, metrics.csv and plots/ from the run's files; returns the HTML path.
+    A missing or damaged run directory is a RunDirError naming the file (and line)."""
     rd = open_run(run_dir)
     cfg = rd.read_config() or {}
     rows, samples, changes = rd.read_metrics(), rd.read_samples(), rd.read_config_changes()
@@ -246,8 +464,11 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
 def _write_report(rd: RunDir, cfg: dict, rows: list[dict], samples: list[dict], changes: list[dict], out: Path) -> Path:
     algorithm = _get(cfg, "algorithm", "name", default="?")
     _plots(rows, samples, out / "plots", algorithm)
-    cols = _columns(rows)
-    summary = _summary(cfg)
+    write_metrics_csv(rows, out / "metrics.csv")
+    name = _run_name(rd)
+    lines = summary_lines(rows, cfg)
+    short, full = headline_table(rows), full_table(rows)
+    settings = Table(header=["setting", "value"], rows=[list(kv) for kv in _summary(cfg)], left=(0, 1))
     examples = _examples(samples)
     changed = [
         (c["iteration"], k, old, new)
@@ -255,39 +476,33 @@ def _write_report(rd: RunDir, cfg: dict, rows: list[dict], samples: list[dict], 
         for k, (old, new) in (c.get("changes") or {}).items()
         if isinstance(c.get("changes"), dict)
     ]
+    latest = examples[0]["latest_iteration"] if examples else None
 
-    md = ["# onalign run report", "", f"Run directory: `{rd.root}`", ""]
-    md += ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary] + [""]
+    md = ["# onalign run report", ""]  # no run name: a report rebuilt from a copy of the run reads the same
+    md += [f"**{lines[0]}**", "", lines[1], ""]
+    md += short.markdown() + [""]
+    md += [f"All {len(full.header)} metrics of every iteration: [metrics.csv](metrics.csv).", ""]
+    md += ["## Plots", ""] + [f"![{title}](plots/{p})" for p, title in PLOTS.items()] + [""]
+    if examples:
+        md += [f"## Eval examples: initial vs latest policy (iteration {latest})", ""]
+        md += _examples_table(examples).markdown() + [""]
+    md += ["## Run settings", "", f"Run directory: `{rd.where}`", ""] + settings.markdown() + [""]
     if changed:
         md += ["Settings changed on resume:", ""]
         md += [f"- from iteration {it}: {k} {old!r} -> {new!r}" for it, k, old, new in changed] + [""]
-    md += ["## Metrics per iteration", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows] + [""]
-    md += ["## Plots", ""] + [f"![{title}](plots/{name})" for name, title in PLOTS.items()] + [""]
-    if examples:
-        md += [
-            "## Eval examples: initial vs latest policy",
-            "",
-            "| prompt | initial | reward | latest | reward |",
-            "|---|---|---|---|---|",
-        ]
-        md += [
-            f"| {e['prompt']} | {e['initial']!r} | {e['initial_reward']:.3f} | {e['latest']!r} | "
-            f"{e['latest_reward']:.3f} |"
-            for e in examples
-        ]
-    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
 
     esc = html.escape
-    h = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>onalign report</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
-        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{margin:4px}</style></head><body>",
-        "<h1>onalign run report</h1>",
-        f"<p>Run directory: <code>{esc(str(rd.root))}</code></p><table>",
-    ]
-    h += [f"<tr><th>{esc(k)}</th><td style='text-align:left'>{esc(v)}</td></tr>" for k, v in summary]
-    h += ["</table>"]
+    h = [f"<h1>onalign run report <span class='muted'>{esc(name)}</span></h1>"]
+    h += [f"<p class='summary'><strong>{esc(lines[0])}</strong><br>{esc(lines[1])}</p>"]
+    h += ["<div class='wide'>", short.html("headline"), "</div>"]
+    h += ["<h2>Plots</h2><div class='plots'>"]
+    h += [f"<img src='plots/{p}' alt='{esc(title)}' title='{esc(title)}'>" for p, title in PLOTS.items()]
+    h += ["</div>"]
+    if examples:
+        h += [f"<h2>Eval examples: initial vs latest policy (iteration {latest})</h2>"]
+        h += [_examples_table(examples).html("examples")]
+    h += ["<h2>Run settings</h2>", f"<p>Run directory: <code>{esc(rd.where)}</code></p>", settings.html()]
     if changed:
         h += ["<p>Settings changed on resume:</p><ul>"]
         h += [
@@ -295,76 +510,141 @@ def _write_report(rd: RunDir, cfg: dict, rows: list[dict], samples: list[dict], 
             for it, k, old, new in changed
         ]
         h += ["</ul>"]
-    h += ["<h2>Metrics per iteration</h2><table><tr>"] + [f"<th>{esc(c)}</th>" for c in cols] + ["</tr>"]
-    for r in rows:
-        h += ["<tr>"] + [f"<td>{esc(_fmt(r.get(c)))}</td>" for c in cols] + ["</tr>"]
-    h += ["</table><h2>Plots</h2>"]
-    h += [f"<img src='plots/{name}' alt='{esc(title)}' title='{esc(title)}'>" for name, title in PLOTS.items()]
-    if examples:
-        h += [
-            "<h2>Eval examples: initial vs latest policy</h2><table><tr><th>prompt</th><th>initial</th>"
-            "<th>reward</th><th>latest</th><th>reward</th></tr>"
-        ]
-        h += [
-            f"<tr><td>{esc(e['prompt'])}</td><td>{esc(e['initial'])}</td><td>{e['initial_reward']:.3f}</td>"
-            f"<td>{esc(e['latest'])}</td><td>{e['latest_reward']:.3f}</td></tr>"
-            for e in examples
-        ]
-        h += ["</table>"]
-    h += ["</body></html>"]
+    h += [
+        f"<details><summary>All {len(full.header)} metrics per iteration</summary>",
+        "<p class='muted'>Also in <a href='metrics.csv'>metrics.csv</a> (full precision) and metrics.jsonl.</p>",
+        "<div class='wide'>",
+        full.html("full"),
+        "</div></details>",
+    ]
     path = out / "report.html"
-    path.write_text("\n".join(h), encoding="utf-8")
+    path.write_text(_page(f"onalign report: {name}", h), encoding="utf-8")
     return path
 
 
-def write_comparison(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
-    """Several runs (methods, rho values) on shared axes: eval reward, win rate and generated tokens."""
-    runs = []
-    for d in run_dirs:  # every run is read (and a missing or damaged one refused) before anything is written
-        rd = open_run(d)
-        cfg = rd.read_config() or {}
-        label = f"{rd.root.name} ({_get(cfg, 'algorithm', 'name', default='?')}, "
-        label += f"{_get(cfg, 'selection', 'mode', default='?')} rho={_get(cfg, 'selection', 'rho', default='?')})"
-        runs.append((label, rd.read_metrics()))
-    out = _out_dir(out_dir)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for label, rows in runs:
-        its = [r["iteration"] for r in rows]
-        axes[0].plot(its, [_num(r.get("eval_reward_mean")) for r in rows], "o-", label=label)
-        axes[1].plot(its, [_num(r.get("win_rate_vs_initial")) for r in rows], "o-", label=label)
+# ---------------------------------------------------------------- several runs
+
+# (metric, panel title): one panel per metric in comparison.png
+COMPARED = [
+    ("eval_reward_mean", "Eval reward (greedy, held-out prompts)"),
+    ("win_rate_vs_initial", "Win rate vs the initial policy"),
+    ("reward_mean", "Rollout reward mean"),
+    ("loss", "Training loss"),
+    ("pair_accuracy", "Pair accuracy"),
+    ("cumulative_generated_tokens", "Generated tokens, cumulative"),
+]
+STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--")]
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    if key == "cumulative_generated_tokens":
         tr = [r for r in rows if r["iteration"] > 0]
         cum, total = [], 0.0
         for r in tr:
             total += _total([r.get("generated_tokens")])
             cum.append(total)
-        axes[2].plot([r["iteration"] for r in tr], cum, "o-", label=label)
-    for ax, title in zip(axes, ["eval reward", "win rate vs initial", "cumulative generated tokens"], strict=True):
+        return [r["iteration"] for r in tr], cum
+    pts = [(r["iteration"], _num(r.get(key))) for r in rows]
+    pts = [(i, v) for i, v in pts if not math.isnan(v)]
+    return [i for i, _ in pts], [v for _, v in pts]
+
+
+def comparison_figure(runs: list[tuple[str, list[dict]]]):
+    """One panel per metric, the runs told apart by colour, marker and line style, one legend of the runs'
+    names above the panels. Returns the matplotlib figure (the caller saves and closes it)."""
+    ncols = 3
+    nrows = math.ceil(len(COMPARED) / ncols)
+    legend_rows = math.ceil(len(runs) / ncols) or 1
+    top = 0.1 + 0.25 * legend_rows  # inches above the panels for the legend
+    height = 3.2 * nrows + top
+    fig, axes = plt.subplots(nrows, ncols, figsize=(13, height), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, COMPARED, strict=False):
+        drawn = False
+        for n, (label, rows) in enumerate(runs):
+            x, y = _series(rows, key)
+            marker, style = STYLES[n % len(STYLES)]
+            if x:
+                # later runs drawn thinner and smaller: a run hidden under another's equal values still shows
+                size, width = max(7.0 - 1.2 * n, 3.0), max(2.2 - 0.4 * n, 1.0)
+                ax.plot(
+                    x, y, marker=marker, linestyle=style, color=f"C{n}", label=label, markersize=size, linewidth=width
+                )
+                drawn = True
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("iteration")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "plots" / "comparison.png", dpi=100)
-    plt.close(fig)
-    md = [
-        "# onalign comparison",
-        "",
-        "| run | iterations | final eval reward | final win rate | generated tokens |",
-        "|---|---|---|---|---|",
+        ax.set_xlabel("iteration", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if not drawn:
+            _empty(ax, "no values")
+    for ax in list(axes.flat)[len(COMPARED) :]:
+        ax.set_visible(False)
+    handles = [
+        plt.Line2D([], [], color=f"C{n}", marker=STYLES[n % len(STYLES)][0], linestyle=STYLES[n % len(STYLES)][1])
+        for n in range(len(runs))
     ]
+    fig.legend(
+        handles,
+        [label for label, _ in runs],
+        loc="upper center",
+        ncol=min(len(runs), ncols) or 1,
+        fontsize=9,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - top / height))
+    return fig
+
+
+def write_comparison(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
+    """Several runs (methods, rho values) on shared axes, one panel per metric, the runs named in the legend."""
+    runs = []
+    for d in run_dirs:  # every run is read (and a missing or damaged one refused) before anything is written
+        rd = open_run(d)
+        cfg = rd.read_config() or {}
+        label = f"{_run_name(rd)} ({_get(cfg, 'algorithm', 'name', default='?')}, "
+        label += f"{_get(cfg, 'selection', 'mode', default='?')} rho={_get(cfg, 'selection', 'rho', default='?')})"
+        runs.append((label, rd.read_metrics()))
+    out = _out_dir(out_dir)
+    fig = comparison_figure(runs)
+    try:
+        fig.savefig(out / "plots" / "comparison.png", dpi=110)
+    finally:
+        plt.close(fig)
+    table = Table(
+        header=["run", "iterations", "start eval reward", "final eval reward", "best (iteration)", "final win rate"]
+        + ["generated tokens", "tokens saved"],
+        rows=[],
+        left=(0,),
+    )
     for label, rows in runs:
         last = rows[-1] if rows else {}
-        tokens = _total(r.get("generated_tokens") for r in rows if r["iteration"] > 0)
-        md.append(
-            f"| {label} | {last.get('iteration', 0)} | {_fmt(last.get('eval_reward_mean'))} | "
-            f"{_fmt(last.get('win_rate_vs_initial'))} | {int(tokens)} |"
+        evals = [(r["iteration"], _num(r.get("eval_reward_mean"))) for r in rows]
+        evals = [e for e in evals if not math.isnan(e[1])]
+        best = max(evals, key=lambda e: e[1]) if evals else None
+        trained = [r for r in rows if r["iteration"] > 0]
+        table.rows.append(
+            [
+                label,
+                str(last.get("iteration", 0)),
+                _cell(evals[0][1] if evals else None, "{:.3f}"),
+                _cell(last.get("eval_reward_mean"), "{:.3f}"),
+                f"{best[1]:.3f} ({best[0]})" if best else "-",
+                _cell(last.get("win_rate_vs_initial"), "{:.2f}"),
+                f"{_total(r.get('generated_tokens') for r in trained):,.0f}",
+                f"{sum(_saved_tokens(r) for r in trained):,.0f}",
+            ]
         )
-    md += ["", "![comparison](plots/comparison.png)"]
-    (out / "comparison.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    body = "\n".join(md[:-1]).replace("\n", "<br>\n")
-    (out / "comparison.html").write_text(
-        f"<!doctype html><html><body><pre>{html.escape(body)}</pre><img src='plots/comparison.png'></body></html>",
-        encoding="utf-8",
-    )
+    md = ["# onalign comparison", ""] + table.markdown() + ["", "![comparison](plots/comparison.png)", ""]
+    (out / "comparison.md").write_text("\n".join(md), encoding="utf-8")
+    body = [
+        "<h1>onalign comparison</h1>",
+        "<div class='wide'>",
+        table.html(),
+        "</div>",
+        "<h2>Per iteration</h2>",
+        "<img src='plots/comparison.png' alt='the runs compared, one panel per metric' style='width:100%'>",
+    ]
+    (out / "comparison.html").write_text(_page("onalign comparison", body), encoding="utf-8")
     return out / "comparison.md"
 
 
