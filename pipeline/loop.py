@@ -71,19 +71,34 @@ class Loop:
     def get(self, refs, what: str, progress: Ticker | None = None):
         """ray.get with the configured timeout and a message that says how to resume; with `progress`
         (from `bar`), the bar follows the actors' counts while it waits."""
+        limit = f"call_timeout_s={self.cfg.call_timeout_s:g}s"
+
+        def stopped(problem: str, fix: str) -> PipelineError:
+            done = self.rundir.complete_checkpoints()
+            if done:
+                return PipelineError(
+                    f"{problem}. Iterations up to {done[-1]} are saved in {self.rundir.checkpoints}: {fix}, then "
+                    "rerun with --resume"
+                )
+            return PipelineError(f"{problem}. No iteration had completed, so nothing is saved: {fix} and run again")
+
         try:
             if progress is not None:
                 self._follow(refs, progress)
             return ray.get(refs, timeout=self.cfg.call_timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise PipelineError(
-                f"{what} did not answer within call_timeout_s={self.cfg.call_timeout_s}s. Completed iterations are "
-                f"saved in {self.rundir.checkpoints}; raise call_timeout_s or fix the stall, then rerun with --resume"
-            ) from None
+            fix = "raise call_timeout_s (model loading and the first steps can take minutes) or fix the stall"
+            raise stopped(f"{what} did not answer within {limit}", fix) from None
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
             if cause is not None and type(cause).__name__ in ("RewardError", "ValueError", "ResumeError"):
                 raise PipelineError(f"{what} failed: {cause}") from None
+            text = " ".join(str(cause).split())
+            if isinstance(cause, TimeoutError) or (
+                isinstance(cause, RuntimeError) and ("timed out" in text.lower() or "timeout" in text.lower())
+            ):  # torch.distributed's collectives wait call_timeout_s too (the trainers' process group timeout)
+                problem = f"{what} timed out inside an actor ({type(cause).__name__}: {text[:200]}) under {limit}"
+                raise stopped(problem, "raise call_timeout_s (the trainers' collectives wait that long)") from None
             raise
         except ray.exceptions.RayActorError as e:
             raise PipelineError(

@@ -105,13 +105,14 @@ def test_cli_prints_one_line_without_traceback(tmp_path):
     assert "did you mean 'algorithm'" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_dry_run_prints_plan_and_refuses_what_cannot_fit(ray_cluster, capsys):
+def test_dry_run_prints_plan_and_refuses_what_cannot_fit(ray_cluster, capsys, tmp_path):
     from pipeline.cli import main
 
-    assert main(["run", "configs/demo-cpu.yaml", "--dry-run"]) == 0
+    out_dir = f"output_dir={tmp_path / 'run'}"  # not runs/demo: a finished demo there is (rightly) refused
+    assert main(["run", "configs/demo-cpu.yaml", out_dir, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "rollout engine 0" in out and "fits the cluster" in out
-    assert main(["run", "configs/demo-cpu.yaml", "train.num_workers=4", "--dry-run"]) == 2  # 3 CPUs on 2
+    assert main(["run", "configs/demo-cpu.yaml", out_dir, "train.num_workers=4", "--dry-run"]) == 2  # 3 CPUs on 2
     assert "does not fit the cluster" in capsys.readouterr().err
 
 

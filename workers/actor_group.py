@@ -38,8 +38,9 @@ class TrainerGroup:
         except ray.exceptions.GetTimeoutError:
             self.kill()
             raise RuntimeError(
-                f"trainer rank 0 did not start within {timeout_s:g}s (num_cpus={num_cpus:g}, num_gpus={num_gpus:g} "
-                "per rank: does the cluster have them free?)"
+                f"trainer rank 0 did not start within call_timeout_s={timeout_s:g}s (num_cpus={num_cpus:g}, "
+                f"num_gpus={num_gpus:g} per rank: does the cluster have them free? raise call_timeout_s on a busy "
+                "machine)"
             ) from None
         refs = [a.connect.remote(self.master_addr, self.master_port) for a in self.actors]
         try:
