@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.errors import OnalignError
 from pipeline.rundir import CHECKPOINT_FORMAT, RunDir, RunDirError
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ RESUMABLE = (
 NOT_RECORDED = ("resume",)  # differs on every resume: not worth a config_changes.jsonl row
 
 
-class ResumeError(RuntimeError):
+class ResumeError(OnalignError, RuntimeError):
     pass
 
 
@@ -80,7 +81,6 @@ def save_checkpoint(loop: Loop, iteration: int) -> None:
         "fingerprint": fingerprint(loop),
         "initial_eval_rewards": loop.initial_eval,
         "reward_state": reward_state,
-        "rng": "derived from (seed, iteration)",
     }
     rundir.commit_checkpoint(tmp, iteration, state, keep=loop.cfg.keep_checkpoints)
 

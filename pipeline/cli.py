@@ -5,16 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-USER_ERRORS = (
-    "ConfigError",
-    "DataError",
-    "RunDirError",
-    "PipelineError",
-    "ResumeError",
-    "RewardError",
-    "FileNotFoundError",
-    "PlanError",
-)
+from pipeline.errors import is_user_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except Exception as e:  # user mistakes get one line, no traceback; an actor's failure one line and its log
         log = getattr(e, "onalign_log", None)
-        if type(e).__name__ in USER_ERRORS:
+        if is_user_error(e):
             print(f"onalign: error: {e}", file=sys.stderr)
             if log:
                 print(f"onalign: details in {log}", file=sys.stderr)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import OnalignError
 from pipeline.methods import METHODS
 
 BUILTIN_MODEL = "builtin:tiny"
@@ -24,7 +25,7 @@ BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"  # SmolLM2-135M-Instruct, fetc
 BUILTIN_REWARD_MODEL = "builtin:tiny-rm"
 
 
-class ConfigError(ValueError):
+class ConfigError(OnalignError, ValueError):
     """A user mistake in the config: the message names the key and the fix."""
 
 

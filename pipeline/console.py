@@ -18,6 +18,8 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.errors import is_user_error
+
 COLUMNS = [
     ("iteration", "it", "{}"),
     ("eval_reward_mean", "eval_reward", "{:.3f}"),
@@ -217,11 +219,9 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
 def _from_actor_or_bug(error: BaseException) -> bool:
     """A failure whose details are not all in its message: one that came from an actor (a Ray error in its
     chain), or one that is not a user mistake (a bug: its traceback)."""
-    from pipeline.cli import USER_ERRORS
-
     if any(type(e).__module__.startswith("ray") for e in _chain(error)):
         return True
-    return type(error).__name__ not in USER_ERRORS
+    return not is_user_error(error)
 
 
 def failure_line(error: BaseException) -> str:

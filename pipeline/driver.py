@@ -20,7 +20,7 @@ from pipeline.loop import Loop, Workers
 from pipeline.methods import get_method
 from pipeline.rundir import RunDir, RunDirError
 from workers.actor_group import TrainerGroup
-from workers.rollout import ENGINE_ENV
+from workers.rollout import ENGINE_ENV, RolloutWorker
 from workers.weight_sync import resolve_backend
 
 
@@ -346,7 +346,7 @@ def start_workers(cfg: RunConfig, model_path: str) -> Workers:
         else:
             opts.update(num_cpus=r.num_cpus, num_gpus=r.num_gpus)
         engines.append(
-            ray.remote(_rollout_cls())
+            ray.remote(RolloutWorker)
             .options(**opts)
             .remote(
                 model_path,
@@ -367,12 +367,6 @@ def start_workers(cfg: RunConfig, model_path: str) -> Workers:
     trainers = TrainerGroup(t.num_workers, t.num_cpus, t.num_gpus, trainer_env, cfg.call_timeout_s)
     ray.get([e.ready.remote() for e in engines], timeout=cfg.call_timeout_s)
     return Workers(engines, trainers)
-
-
-def _rollout_cls():
-    from workers.rollout import RolloutWorker
-
-    return RolloutWorker
 
 
 def make_reward_actor(cfg: RunConfig):

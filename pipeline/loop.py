@@ -15,6 +15,7 @@ import ray
 
 from pipeline.config import RunConfig
 from pipeline.data import PromptSet
+from pipeline.errors import OnalignError
 from pipeline.methods import get_method
 from pipeline.progress import Ticker, new_board
 from pipeline.records import Rollout
@@ -24,7 +25,7 @@ from workers.trainer import steps_per_rank
 from workers.weight_sync import init_sync, resolve_backend, sync_weights
 
 
-class PipelineError(RuntimeError):
+class PipelineError(OnalignError, RuntimeError):
     """A failure the user can act on; the message says what happened and how to go on."""
 
 
@@ -91,7 +92,7 @@ class Loop:
             raise stopped(f"{what} did not answer within {limit}", fix) from None
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
-            if cause is not None and type(cause).__name__ in ("RewardError", "ValueError", "ResumeError"):
+            if isinstance(cause, (OnalignError, ValueError)):
                 raise PipelineError(f"{what} failed: {cause}") from None
             text = " ".join(str(cause).split())
             if isinstance(cause, TimeoutError) or (

@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import RunConfig
+from pipeline.errors import OnalignError
 
 
-class PlanError(RuntimeError):
+class PlanError(OnalignError, RuntimeError):
     pass
 
 

@@ -16,10 +16,12 @@ import os
 import shutil
 from pathlib import Path
 
+from pipeline.errors import OnalignError
+
 CHECKPOINT_FORMAT = 1
 
 
-class RunDirError(RuntimeError):
+class RunDirError(OnalignError, RuntimeError):
     """A missing, damaged or foreign run directory: the message names the file (and line) and the fix."""
 
 
@@ -36,7 +38,7 @@ class RunDir:
         if is_url(str(root)):
             import hashlib
 
-            from pipeline.tiny_model import cache_root
+            from pipeline.cache import cache_root
 
             self.url = str(root).rstrip("/")
             root = cache_root() / "staging" / hashlib.sha256(self.url.encode()).hexdigest()[:16]

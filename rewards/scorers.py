@@ -14,11 +14,12 @@ import os
 from collections.abc import Callable
 
 from pipeline.config import RewardConfig
+from pipeline.errors import OnalignError
 
 ScoreFn = Callable[[list[str], list[str], list[str | None]], list[float]]
 
 
-class RewardError(RuntimeError):
+class RewardError(OnalignError, RuntimeError):
     """The reward failed or returned a bad score; the message names the reward and the sample."""
 
 

@@ -123,7 +123,8 @@ def build_tiny_reward_model(
 
 def tiny_reward_model_path() -> Path:
     """The cached tiny reward model next to the tiny policy, built on first use."""
-    from pipeline.tiny_model import cached_build, reproducible_build, tiny_model_path
+    from pipeline.cache import cached_build
+    from pipeline.tiny_model import reproducible_build, tiny_model_path
 
     policy = tiny_model_path()
 
