@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -21,13 +23,21 @@ def run_preset(workers, tmp_path, tiny_cfg):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_method_runs_one_iteration(run_preset, method):
+def test_method_runs_one_iteration(run_preset, method, tmp_path, model_path):
+    """One real iteration per preset: every usable pair is trained on, the loss is finite, and the saved
+    policy differs from the initial one (the step moved the weights)."""
+    from safetensors.torch import load_file
+
     rows = run_preset(f"cpu-{method}.yaml", "iterations=1")
     last = rows[-1]
     assert last["iteration"] == 1 and last["train_steps"] > 0 and last["pairs"] > 0
-    assert last["loss"] == last["loss"]  # finite, not NaN
+    assert last["trained_pairs"] == last["pairs"] - last["pairs"] % 2  # 2 ranks; the remainder waits
+    assert math.isfinite(last["loss"]) and 0.0 <= last["pair_accuracy"] <= 1.0
+    before = load_file(f"{model_path}/model.safetensors")
+    after = load_file(str(tmp_path / "run" / "checkpoints" / "iter_1" / "policy" / "model.safetensors"))
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) > 1e-6
     if method == "wdpo":
-        assert last["pair_weight"] == pytest.approx(1.0, abs=1e-6)  # mean of normalised weights
+        assert last["pair_weight"] == pytest.approx(1.0, abs=1e-6)  # mean of weights normalised over the batch
     if method == "apo":
         assert last["apo_step_norm"] > 0
     if method == "spin":
