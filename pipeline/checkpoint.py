@@ -19,7 +19,6 @@ from pipeline.rundir import CHECKPOINT_FORMAT, RunDir, RunDirError
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
-    from pipeline.loop import Loop
 
 # Settings that may change when a run is resumed: they change how long it runs, how it reports and how
 # patient it is, never what it computes. Every other setting must equal the run's saved config.yaml.
@@ -57,10 +56,6 @@ def fingerprint_of(cfg: RunConfig, train_prompts: int, eval_prompts: int) -> dic
     }
 
 
-def fingerprint(loop: Loop) -> dict:
-    return fingerprint_of(loop.cfg, len(loop.train_set), len(loop.eval_set))
-
-
 def check_fingerprint(state: dict, mine: dict, path: Path) -> None:
     theirs = state.get("fingerprint") or {}
     diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
@@ -72,17 +67,9 @@ def check_fingerprint(state: dict, mine: dict, path: Path) -> None:
         )
 
 
-def save_checkpoint(loop: Loop, iteration: int) -> None:
-    rundir = loop.rundir
-    tmp = rundir.begin_checkpoint(iteration)
-    loop.get(loop.workers.trainers.call_rank0("save", str(tmp)), "checkpoint write")
-    reward_state = loop.get(loop.reward.state_dict.remote(), "reward state")
-    state = {
-        "fingerprint": fingerprint(loop),
-        "initial_eval_rewards": loop.initial_eval,
-        "reward_state": reward_state,
-    }
-    rundir.commit_checkpoint(tmp, iteration, state, keep=loop.cfg.keep_checkpoints)
+def checkpoint_state(fingerprint: dict, initial_eval: list[float], reward_state: dict) -> dict:
+    """What state.json holds beside the policy files (written last: it marks the checkpoint complete)."""
+    return {"fingerprint": fingerprint, "initial_eval_rewards": initial_eval, "reward_state": reward_state}
 
 
 # ---------------------------------------------------------------- checking a checkpoint on the driver
@@ -247,22 +234,16 @@ def check_resume_config(rundir: RunDir, cfg: RunConfig, log: Callable[[str], Non
     return changes
 
 
-def restore(loop: Loop) -> int:
-    """Load the planned checkpoint (`driver.prepare` plans it; planned here when it did not) into the
-    actors; returns the first iteration still to run."""
-    rundir = loop.rundir
+def resume_point(rundir: RunDir, cfg: RunConfig, fingerprint: dict, log) -> tuple[int, dict | None]:
+    """The checkpoint to resume from (`driver.prepare` plans it; planned here when it did not) and its
+    checked state, or (0, None) to start over (its rows and checkpoints are cleared)."""
     last = rundir.resume_from
     if last is None:
-        last = plan_resume(rundir, loop.cfg, loop.reporter.console.log)
+        last = plan_resume(rundir, cfg, log)
     if last == 0:
         rundir.truncate_to(-1)  # start over, keeping no rows of the replaced run
         rundir.remove_checkpoints()
-        return 1
-    path = rundir.checkpoint_path(last)
+        return 0, None
     state = rundir.load_state(last)
-    check_fingerprint(state, fingerprint(loop), path)
-    loop.get(loop.workers.trainers.call("load_checkpoint", str(path)), "checkpoint load")
-    loop.get(loop.reward.load_state_dict.remote(state["reward_state"]), "reward state load")
-    loop.initial_eval = state["initial_eval_rewards"]
-    rundir.truncate_to(last)
-    return last + 1
+    check_fingerprint(state, fingerprint, rundir.checkpoint_path(last))
+    return last, state

@@ -6,11 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from pipeline.builtin_task import make_arithmetic_examples, make_examples
 from pipeline.config import BUILTIN_ARITHMETIC_TASK, BUILTIN_TASK, DataConfig
-from pipeline.errors import OnalignError
-
-
-class DataError(OnalignError, ValueError):
-    """Bad or missing data: the message names the file, row and column, and the fix."""
+from pipeline.errors import DataError
 
 
 @dataclass

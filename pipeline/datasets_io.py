@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import DataConfig
-from pipeline.data import DataError
+from pipeline.errors import DataError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 CHAT_ALIASES = ("messages", "conversations")

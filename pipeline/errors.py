@@ -9,6 +9,14 @@ class OnalignError(Exception):
     """Base of every user-facing onalign error: its message says what happened and how to go on."""
 
 
+class DataError(OnalignError, ValueError):
+    """Bad or missing data: the message names the file, row and column, and the fix."""
+
+
+class RewardError(OnalignError, RuntimeError):
+    """A reward that failed or returned unusable scores: the message names the reward and the sample."""
+
+
 def is_user_error(error: BaseException) -> bool:
     """A mistake the message fully explains (an onalign error, or a file that does not exist)."""
     return isinstance(error, (OnalignError, FileNotFoundError))

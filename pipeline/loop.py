@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import ray
 
+from pipeline.checkpoint import checkpoint_state, fingerprint_of, resume_point
 from pipeline.config import RunConfig
 from pipeline.data import PromptSet
 from pipeline.errors import OnalignError
@@ -231,9 +232,7 @@ class Loop:
             ),
             "trainer setup",
         )
-        from pipeline.checkpoint import restore
-
-        first = restore(self) if cfg.resume else 1
+        first = self.restore() if cfg.resume else 1
         engine_workers = cfg.rollout.num_engines * cfg.rollout.tensor_parallel_size
         self.get(
             init_sync(self.workers.trainers, self.workers.rollouts, self.sync_backend, engine_workers, cfg.model.dtype),
@@ -255,6 +254,29 @@ class Loop:
             self.record(row)
             self.rundir.publish()
         return first
+
+    def fingerprint(self) -> dict:
+        return fingerprint_of(self.cfg, len(self.train_set), len(self.eval_set))
+
+    def save_checkpoint(self, iteration: int) -> None:
+        """Policy files from trainer rank 0, then state.json; renamed into place only when complete."""
+        tmp = self.rundir.begin_checkpoint(iteration)
+        self.get(self.workers.trainers.call_rank0("save", str(tmp)), "checkpoint write")
+        reward_state = self.get(self.reward.state_dict.remote(), "reward state")
+        state = checkpoint_state(self.fingerprint(), self.initial_eval, reward_state)
+        self.rundir.commit_checkpoint(tmp, iteration, state, keep=self.cfg.keep_checkpoints)
+
+    def restore(self) -> int:
+        """Load the resume checkpoint into the actors; returns the first iteration still to run."""
+        last, state = resume_point(self.rundir, self.cfg, self.fingerprint(), self.reporter.console.log)
+        if state is None:
+            return 1
+        path = str(self.rundir.checkpoint_path(last))
+        self.get(self.workers.trainers.call("load_checkpoint", path), "checkpoint load")
+        self.get(self.reward.load_state_dict.remote(state["reward_state"]), "reward state load")
+        self.initial_eval = state["initial_eval_rewards"]
+        self.rundir.truncate_to(last)
+        return last + 1
 
     def record(self, row: dict) -> None:
         self.rundir.append_metrics(row)
@@ -338,13 +360,11 @@ class Loop:
         return train_stats, apo_step
 
     def run(self) -> list[dict]:
-        from pipeline.checkpoint import save_checkpoint
-
         first = self.start()
         for it in range(first, self.cfg.iterations + 1):
             row = self.iteration(it)
             self.record(row)  # metrics first: a resume truncates rows past the last complete checkpoint
-            save_checkpoint(self, it)
+            self.save_checkpoint(it)
             self.rundir.publish()
         rows = self.rundir.read_metrics()
         check_something_trained(rows)

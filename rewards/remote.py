@@ -17,7 +17,7 @@ import time
 import urllib.request
 
 from pipeline.config import RewardConfig
-from rewards.scorers import RewardError
+from pipeline.errors import RewardError
 
 
 class _Deadline:

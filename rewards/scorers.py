@@ -14,13 +14,9 @@ import os
 from collections.abc import Callable
 
 from pipeline.config import RewardConfig
-from pipeline.errors import OnalignError
+from pipeline.errors import RewardError
 
 ScoreFn = Callable[[list[str], list[str], list[str | None]], list[float]]
-
-
-class RewardError(OnalignError, RuntimeError):
-    """The reward failed or returned a bad score; the message names the reward and the sample."""
 
 
 def load_function(spec: str) -> ScoreFn:

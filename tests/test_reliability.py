@@ -169,19 +169,19 @@ def test_resume_after_driver_stop_matches_uninterrupted(run_tiny, tmp_path, monk
     """Stop the driver after iteration 2 of 4 (fault injected after its checkpoint), resume, compare."""
 
     full, _ = run_tiny("iterations=4", out=tmp_path / "full")
-    import pipeline.checkpoint as ckpt
+    from pipeline.loop import Loop
 
-    original = ckpt.save_checkpoint
+    original = Loop.save_checkpoint
 
     def save_then_die(loop, it):
         original(loop, it)
         if it == 2:
             raise KeyboardInterrupt("driver killed after iteration 2")
 
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(Loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_tiny("iterations=4", out=tmp_path / "cut")
-    monkeypatch.setattr(ckpt, "save_checkpoint", original)
+    monkeypatch.setattr(Loop, "save_checkpoint", original)
     assert [json.loads(x)["iteration"] for x in lines(tmp_path / "cut" / "metrics.jsonl")] == [0, 1, 2]
     resumed, _ = run_tiny("iterations=4", "resume=true", out=tmp_path / "cut")
     assert [r["iteration"] for r in resumed] == [0, 1, 2, 3, 4]

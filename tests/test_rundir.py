@@ -13,10 +13,21 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.checkpoint import ResumeError, fingerprint, restore
+from pipeline.checkpoint import ResumeError, fingerprint_of
 from pipeline.cli import main
 from pipeline.driver import prepare
+from pipeline.loop import Loop
 from pipeline.rundir import RunDir, RunDirError
+
+
+def fingerprint(loop) -> dict:
+    return fingerprint_of(loop.cfg, len(loop.train_set), len(loop.eval_set))
+
+
+def restore(loop) -> int:
+    """The loop's restore step on a fake loop (no actors)."""
+    return Loop.restore(loop)
+
 
 N_TRAIN, N_EVAL = 48, 16  # what tests/conftest.py's TEST_OVERRIDES give on builtin:reverse
 
@@ -54,7 +65,7 @@ class FakeReward:
 def fake_loop(cfg, rundir: RunDir):
     from pipeline.console import Console
 
-    return SimpleNamespace(
+    loop = SimpleNamespace(
         cfg=cfg,
         rundir=rundir,
         workers=SimpleNamespace(trainers=FakeTrainers()),
@@ -65,6 +76,8 @@ def fake_loop(cfg, rundir: RunDir):
         initial_eval=[],
         reporter=SimpleNamespace(console=Console(quiet=True)),
     )
+    loop.fingerprint = lambda: fingerprint(loop)
+    return loop
 
 
 def write_checkpoint(rd: RunDir, cfg, iteration: int) -> Path:

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import ray
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now (call it on the node that will listen on it)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class TrainerGroup:

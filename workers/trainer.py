@@ -41,6 +41,15 @@ def shard_for_rank(groups: list[T], rank: int, world: int) -> list[T]:
     return groups[:usable][rank::world]
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (call it on the node that will listen on it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def flatten(groups: list[PreferenceGroup]) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt, response) token lists of every response of every group, group by group."""
     return [g.prompt_ids for g in groups for _ in g.responses], [r for g in groups for r in g.responses]
@@ -270,8 +279,6 @@ class TrainerWorker:
         """Rank 0: this node's IP and a port free on it, for the group's env:// store."""
         import ray
 
-        from workers.actor_group import free_port
-
         return ray.util.get_node_ip_address(), free_port()
 
     def connect(self, master_addr: str, master_port: int) -> dict:
@@ -307,6 +314,9 @@ class TrainerWorker:
         self.seed = seed
         self.model_path = model_path
         self.hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        if getattr(self.hf_config, "attn_logit_softcapping", None):
+            # sdpa ignores Gemma2's attention soft-capping, which vLLM applies: train the model the engine samples
+            self.hf_config._attn_implementation = "eager"
         self.trust_remote_code = trust_remote_code
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -465,8 +475,7 @@ class TrainerWorker:
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-        from workers.actor_group import free_port
-        from workers.weight_sync import EngineRanksClient
+        from workers.nccl_client import EngineRanksClient
 
         info = NCCLTrainerInitInfo(
             master_address=ray.util.get_node_ip_address(), master_port=free_port(), world_size=world_size, rank=0
