@@ -236,6 +236,8 @@ class RunConfig(_Section):
                 f"rollout.temperature=0: greedy decoding gives {a.name} identical samples, so no pair could ever be "
                 "built and no iteration would train; set rollout.temperature=1.0"
             )
+        if method.reference == "none" and a.reference != "previous":
+            raise ValueError(f"algorithm.reference={a.reference}: {a.name} uses no reference model; remove the setting")
         if method.reference == "previous" and a.reference != "previous":
             raise ValueError(
                 f"algorithm.reference={a.reference}: {a.name}'s reference is the previous iterate by definition; "

@@ -350,7 +350,7 @@ def start_workers(cfg: RunConfig, model_path: str) -> Workers:
             .options(**opts)
             .remote(
                 model_path,
-                r.model_dump(),
+                r,
                 cfg.model.dtype,
                 cfg.seed,
                 resolve_backend(cfg.sync, r.num_gpus > 0, t.num_gpus > 0),
@@ -373,9 +373,7 @@ def make_reward_actor(cfg: RunConfig):
     from rewards.actor import RewardWorker
 
     return (
-        ray.remote(RewardWorker)
-        .options(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus)
-        .remote(cfg.reward.model_dump())
+        ray.remote(RewardWorker).options(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus).remote(cfg.reward)
     )
 
 

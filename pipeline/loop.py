@@ -5,10 +5,8 @@ Everything heavy happens in actors; the driver moves token ids, scores, metrics 
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import ray
@@ -18,7 +16,8 @@ from pipeline.config import RunConfig
 from pipeline.data import PromptSet
 from pipeline.errors import OnalignError
 from pipeline.methods import get_method
-from pipeline.progress import Ticker, new_board
+from pipeline.metrics import RolloutStage, TrainStage, iteration_row, merge_rank_stats
+from pipeline.progress import ProgressView, Ticker
 from pipeline.records import Rollout
 from pipeline.rundir import RunDir
 from workers.actor_group import TrainerGroup
@@ -64,117 +63,128 @@ class Loop:
         self.method = get_method(cfg.algorithm.name)
         self.initial_eval: list[float] = []
         self.sync_backend = resolve_backend(cfg.sync, cfg.rollout.num_gpus > 0, cfg.train.num_gpus > 0)
-        # Progress bars (terminal only): actors count onto the board, the driver draws `self.bars`.
-        self.board = new_board() if reporter.console.rich else None
-        self.bars = None  # the running iteration's rich Progress
-        self.bar_tasks: dict[str, tuple[int, int | None]] = {}  # key -> (rich task id, total)
+        self.view = ProgressView(reporter.console, enabled=reporter.console.rich)  # bars on a terminal only
 
-    # ------------------------------------------------------------ helpers
-    def get(self, refs, what: str, progress: Ticker | None = None):
-        """ray.get with the configured timeout and a message that says how to resume; with `progress`
-        (from `bar`), the bar follows the actors' counts while it waits."""
-        limit = f"call_timeout_s={self.cfg.call_timeout_s:g}s"
+    def run(self) -> list[dict]:
+        first = self.start()
+        for it in range(first, self.cfg.iterations + 1):
+            row = self.iteration(it)
+            self.record(row)  # metrics first: a resume truncates rows past the last complete checkpoint
+            self.save_checkpoint(it)
+            self.rundir.publish()
+        rows = self.rundir.read_metrics()
+        check_something_trained(rows)
+        return rows
 
-        def stopped(problem: str, fix: str) -> PipelineError:
-            done = self.rundir.complete_checkpoints()
-            if done:
-                return PipelineError(
-                    f"{problem}. Iterations up to {done[-1]} are saved in {self.rundir.checkpoints}: {fix}, then "
-                    "rerun with --resume"
-                )
-            return PipelineError(f"{problem}. No iteration had completed, so nothing is saved: {fix} and run again")
+    def start(self) -> int:
+        """Set up actors for this run (fresh or resumed); returns the first iteration to run."""
+        cfg = self.cfg
+        self.get(
+            self.reward.reset.remote(
+                self.train_set.as_dict(),
+                self.eval_set.as_dict(),
+                cfg.algorithm,
+                cfg.selection,
+                cfg.rollout.n_samples,
+                cfg.seed,
+                cfg.data.prompts_per_iteration,
+            ),
+            "reward reset",
+        )
+        self.get(
+            self.workers.trainers.call(
+                "setup",
+                self.model_path,
+                cfg.train,
+                cfg.algorithm,
+                cfg.seed,
+                cfg.model.trust_remote_code,
+            ),
+            "trainer setup",
+        )
+        first = self.restore() if cfg.resume else 1
+        engine_workers = cfg.rollout.num_engines * cfg.rollout.tensor_parallel_size
+        self.get(
+            init_sync(self.workers.trainers, self.workers.rollouts, self.sync_backend, engine_workers, cfg.model.dtype),
+            "weight-sync set-up",
+        )
+        self.sync()
+        if first == 1:
+            with self.view.showing():
+                initial = self.evaluate(0)
+            data_counts = {f"train_{k}": v for k, v in self.train_set.counts.items()}
+            data_counts.update({f"eval_{k}": v for k, v in self.eval_set.counts.items()})
+            row = {
+                "iteration": 0,
+                **initial,
+                "train_prompts": len(self.train_set),
+                "eval_prompts": len(self.eval_set),
+                **data_counts,
+            }
+            self.record(row)
+            self.rundir.publish()
+        return first
 
-        try:
-            if progress is not None:
-                self._follow(refs, progress)
-            return ray.get(refs, timeout=self.cfg.call_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            fix = "raise call_timeout_s (model loading and the first steps can take minutes) or fix the stall"
-            raise stopped(f"{what} did not answer within {limit}", fix) from None
-        except ray.exceptions.RayTaskError as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, (OnalignError, ValueError)):
-                raise PipelineError(f"{what} failed: {cause}") from None
-            text = " ".join(str(cause).split())
-            if isinstance(cause, TimeoutError) or (
-                isinstance(cause, RuntimeError) and ("timed out" in text.lower() or "timeout" in text.lower())
-            ):  # torch.distributed's collectives wait call_timeout_s too (the trainers' process group timeout)
-                problem = f"{what} timed out inside an actor ({type(cause).__name__}: {text[:200]}) under {limit}"
-                raise stopped(problem, "raise call_timeout_s (the trainers' collectives wait that long)") from None
-            raise
-        except ray.exceptions.RayActorError as e:
-            raise PipelineError(
-                f"an actor died during {what} ({type(e).__name__}). Completed iterations are saved in "
-                f"{self.rundir.checkpoints}; rerun the same command with --resume to continue from the last one"
-            ) from None
+    def iteration(self, it: int) -> dict:
+        """One iteration's stages; returns its metrics row."""
+        t0 = time.perf_counter()
+        selected = self.get(self.reward.select.remote(it), "selection")
+        with self.view.showing():
+            rollout = self.rollout_and_score(it, selected)
+            trained = self.train(it, rollout.batch)
+            ev = self.evaluate(it)
+        # with fresh prompts per iteration the slice is the whole of this iteration's work
+        n_prompts = len(selected) if self.cfg.data.prompts_per_iteration else len(self.train_set)
+        row = iteration_row(it, selected, n_prompts, self.cfg.rollout.n_samples, rollout, trained, ev)
+        row["time_total_s"] = time.perf_counter() - t0
+        self.rundir.append_samples(
+            {
+                "iteration": it,
+                "rollout_rewards": rollout.scored["rewards"],
+                "pair_weights": row.pop("pair_weights", None),
+            }
+        )
+        return row
 
-    @contextlib.contextmanager
-    def showing_progress(self) -> Iterator[None]:
-        """Progress bars for the stages run inside (cleared when it ends)."""
-        with self.reporter.console.progress() as bars:
-            self.bars = bars
-            try:
-                yield
-            finally:
-                self.bars = None
+    def rollout_and_score(self, it: int, selected: list[int]) -> RolloutStage:
+        """Generate for the selected prompts, score the responses and build the training groups."""
+        cfg, n = self.cfg, self.cfg.rollout.n_samples
+        t = time.perf_counter()
+        rollouts = self.generate(
+            self.train_set, selected, n, cfg.rollout.temperature, it, f"iteration {it}: generating responses"
+        )
+        time_generate = time.perf_counter() - t
+        t = time.perf_counter()
+        progress = self.view.bar(f"iteration {it}: scoring responses", len(rollouts))
+        scored = self.get(self.reward.ingest.remote(rollouts, it, progress), "reward scoring", progress)
+        batch, pair_stats = self.get(self.reward.batch.remote(), "pair building")
+        return RolloutStage(rollouts, scored, batch, pair_stats, time_generate, time.perf_counter() - t)
 
-    def bar(self, label: str, total: int | None) -> Ticker | None:
-        """A new progress bar and the ticker that actors advance it with (None without a terminal)."""
-        if self.bars is None or self.board is None:
-            return None
-        key = str(len(self.bar_tasks))
-        self.bar_tasks[key] = (self.bars.add_task(label, total=total), total)
-        return Ticker(self.board, key)
-
-    def _follow(self, refs, progress: Ticker) -> None:
-        pending = list(refs) if isinstance(refs, list) else [refs]
-        deadline = time.monotonic() + self.cfg.call_timeout_s
-        task, total = self.bar_tasks[progress.key]
-        settle = 10  # the actors' last counts may land just after their results: a few more reads
-        while True:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
-            done = ray.get(self.board.read.remote([progress.key]))[progress.key]
-            self.bars.update(task, completed=done)
-            if not pending:
-                if done >= (total or 0) or settle == 0:
-                    return
-                settle -= 1
-            if time.monotonic() > deadline:
-                raise ray.exceptions.GetTimeoutError()
-
-    def generate(
-        self, prompt_set: PromptSet, indices: list[int], n: int, temperature: float, iteration: int, label: str
-    ) -> list[Rollout]:
-        """Spread prompts over the engines round-robin; results come back in (prompt, sample) order."""
-        r = self.cfg.rollout
-        engines = self.workers.rollouts
-        parts = [indices[e :: len(engines)] for e in range(len(engines))]
-        progress = self.bar(label, len(indices) * (n if temperature > 0 else 1))
-        refs = [
-            eng.generate.remote(
-                [prompt_set.prompt_ids[i] for i in part],
-                part,
-                n,
-                temperature,
-                r.top_p,
-                r.max_new_tokens,
-                self.cfg.seed,
-                iteration,
-                progress,
-            )
-            for eng, part in zip(engines, parts, strict=True)
-            if part
-        ]
-        out = [ro for chunk in self.get(refs, "generation", progress) for ro in chunk]
-        return sorted(out, key=lambda ro: ro.prompt_index)  # stable: samples keep their order
+    def train(self, it: int, batch) -> TrainStage:
+        """Train on the iteration's groups (skipped when there are fewer than ranks), then APO's step
+        (only after a step ran: extrapolating an untrained iterate would put an extrapolated point where
+        APO keeps the previous optimiser output), then the sync into the engines if anything changed."""
+        cfg, trainers = self.cfg, self.workers.trainers
+        t = time.perf_counter()
+        stats: dict = {"loss": None, "pair_accuracy": None, "train_steps": 0}
+        if len(batch) >= trainers.world:
+            steps = steps_per_rank(len(batch), trainers.world, cfg.train.micro_batch_size, cfg.train.epochs)
+            progress = self.view.bar(f"iteration {it}: training {cfg.algorithm.name} (optimizer steps)", steps)
+            batch_ref = ray.put(batch)
+            per_rank = self.get(trainers.call("train", batch_ref, it, progress), "training", progress)
+            stats = merge_rank_stats(per_rank)
+        apo_step = None
+        if self.method.extrapolates and stats["train_steps"]:
+            apo_step = self.get(trainers.call("extrapolate", cfg.algorithm.apo_alpha), "APO extrapolation")[0]
+        time_train = time.perf_counter() - t
+        time_sync = self.sync() if stats["train_steps"] or apo_step else 0.0
+        return TrainStage(stats, apo_step, time_train, time_sync)
 
     def sync(self) -> float:
         t = time.perf_counter()
-        task = self.bars.add_task("syncing weights into vLLM", total=None) if self.bars is not None else None
-        refs = sync_weights(self.workers.trainers, self.workers.rollouts, self.cfg.sync, self.sync_backend)
-        self.get(refs, "weight sync")
-        if task is not None:
-            self.bars.update(task, total=1, completed=1)
+        with self.view.spinner("syncing weights into vLLM"):
+            refs = sync_weights(self.workers.trainers, self.workers.rollouts, self.cfg.sync, self.sync_backend)
+            self.get(refs, "weight sync")
         return time.perf_counter() - t
 
     def evaluate(self, iteration: int) -> dict:
@@ -205,55 +215,35 @@ class Loop:
             "time_eval_s": time.perf_counter() - t,
         }
 
-    # ------------------------------------------------------------ the run
-    def start(self) -> int:
-        """Set up actors for this run (fresh or resumed); returns the first iteration to run."""
-        cfg = self.cfg
-        self.get(
-            self.reward.reset.remote(
-                self.train_set.as_dict(),
-                self.eval_set.as_dict(),
-                cfg.algorithm.model_dump(),
-                cfg.selection.model_dump(),
-                cfg.rollout.n_samples,
-                cfg.seed,
-                cfg.data.prompts_per_iteration,
-            ),
-            "reward reset",
-        )
-        self.get(
-            self.workers.trainers.call(
-                "setup",
-                self.model_path,
-                cfg.train.model_dump(),
-                cfg.algorithm.model_dump(),
-                cfg.seed,
-                cfg.model.trust_remote_code,
-            ),
-            "trainer setup",
-        )
-        first = self.restore() if cfg.resume else 1
-        engine_workers = cfg.rollout.num_engines * cfg.rollout.tensor_parallel_size
-        self.get(
-            init_sync(self.workers.trainers, self.workers.rollouts, self.sync_backend, engine_workers, cfg.model.dtype),
-            "weight-sync set-up",
-        )
-        self.sync()
-        if first == 1:
-            with self.showing_progress():
-                initial = self.evaluate(0)
-            data_counts = {f"train_{k}": v for k, v in self.train_set.counts.items()}
-            data_counts.update({f"eval_{k}": v for k, v in self.eval_set.counts.items()})
-            row = {
-                "iteration": 0,
-                **initial,
-                "train_prompts": len(self.train_set),
-                "eval_prompts": len(self.eval_set),
-                **data_counts,
-            }
-            self.record(row)
-            self.rundir.publish()
-        return first
+    def generate(
+        self, prompt_set: PromptSet, indices: list[int], n: int, temperature: float, iteration: int, label: str
+    ) -> list[Rollout]:
+        """Spread prompts over the engines round-robin; results come back in (prompt, sample) order."""
+        r = self.cfg.rollout
+        engines = self.workers.rollouts
+        parts = [indices[e :: len(engines)] for e in range(len(engines))]
+        progress = self.view.bar(label, len(indices) * (n if temperature > 0 else 1))
+        refs = [
+            eng.generate.remote(
+                [prompt_set.prompt_ids[i] for i in part],
+                part,
+                n,
+                temperature,
+                r.top_p,
+                r.max_new_tokens,
+                self.cfg.seed,
+                iteration,
+                progress,
+            )
+            for eng, part in zip(engines, parts, strict=True)
+            if part
+        ]
+        out = [ro for chunk in self.get(refs, "generation", progress) for ro in chunk]
+        return sorted(out, key=lambda ro: ro.prompt_index)  # stable: samples keep their order
+
+    def record(self, row: dict) -> None:
+        self.rundir.append_metrics(row)
+        self.reporter.iteration_done(row)
 
     def fingerprint(self) -> dict:
         return fingerprint_of(self.cfg, len(self.train_set), len(self.eval_set))
@@ -278,97 +268,43 @@ class Loop:
         self.rundir.truncate_to(last)
         return last + 1
 
-    def record(self, row: dict) -> None:
-        self.rundir.append_metrics(row)
-        self.reporter.iteration_done(row)
+    def get(self, refs, what: str, progress: Ticker | None = None):
+        """ray.get with the configured timeout and a message that says how to resume; with `progress`
+        (from `bar`), the bar follows the actors' counts while it waits."""
+        limit = f"call_timeout_s={self.cfg.call_timeout_s:g}s"
 
-    def iteration(self, it: int) -> dict:
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        selected = self.get(self.reward.select.remote(it), "selection")
+        def stopped(problem: str, fix: str) -> PipelineError:
+            done = self.rundir.complete_checkpoints()
+            if done:
+                return PipelineError(
+                    f"{problem}. Iterations up to {done[-1]} are saved in {self.rundir.checkpoints}: {fix}, then "
+                    "rerun with --resume"
+                )
+            return PipelineError(f"{problem}. No iteration had completed, so nothing is saved: {fix} and run again")
 
-        with self.showing_progress():
-            rollouts, time_generate, scored, batch, pair_stats, time_score = self.rollout_and_score(it, selected)
-            t = time.perf_counter()
-            train_stats, apo_step = self.train(it, batch)
-            time_train = time.perf_counter() - t
-            time_sync = self.sync() if train_stats["train_steps"] or apo_step else 0.0
-            ev = self.evaluate(it)
-
-        gen_tokens = sum(len(r.response_ids) for r in rollouts)
-        # with fresh prompts per iteration the slice is the whole of this iteration's work
-        n_prompts = len(selected) if cfg.data.prompts_per_iteration else len(self.train_set)
-        mean_len = gen_tokens / max(len(rollouts), 1)
-        if_all = mean_len * cfg.rollout.n_samples * n_prompts
-        row = {
-            "iteration": it,
-            "reward_mean": scored["reward_mean"],
-            "reward_std": scored["reward_std"],
-            **{k: ev[k] for k in ("eval_reward_mean", "win_rate_vs_initial")},
-            **pair_stats,
-            "training_skipped": train_stats["train_steps"] == 0,
-            "generated_tokens": gen_tokens,
-            "prompts_regenerated": len(selected),
-            "prompts_reused": n_prompts - len(selected),
-            "generated_tokens_if_all": round(if_all, 1),
-            "generation_saved_fraction": 1.0 - gen_tokens / if_all if if_all else 0.0,
-            "distinct_response_fraction": scored["distinct_response_fraction"],
-            **train_stats,
-            "apo_step_norm": apo_step,
-            "time_generate_s": time_generate,
-            "time_score_s": time_score,
-            "time_train_s": time_train,
-            "time_sync_s": time_sync,
-            "time_eval_s": ev["time_eval_s"],
-        }
-        row["time_total_s"] = time.perf_counter() - t0
-        self.rundir.append_samples(
-            {"iteration": it, "rollout_rewards": scored["rewards"], "pair_weights": row.pop("pair_weights", None)}
-        )
-        return row
-
-    def rollout_and_score(self, it: int, selected: list[int]) -> tuple:
-        """Generate for the selected prompts, score the responses and build the training groups."""
-        cfg, n = self.cfg, self.cfg.rollout.n_samples
-        t = time.perf_counter()
-        rollouts = self.generate(
-            self.train_set, selected, n, cfg.rollout.temperature, it, f"iteration {it}: generating responses"
-        )
-        time_generate = time.perf_counter() - t
-        t = time.perf_counter()
-        progress = self.bar(f"iteration {it}: scoring responses", len(rollouts))
-        scored = self.get(self.reward.ingest.remote(rollouts, it, progress), "reward scoring", progress)
-        batch, pair_stats = self.get(self.reward.batch.remote(), "pair building")
-        return rollouts, time_generate, scored, batch, pair_stats, time.perf_counter() - t
-
-    def train(self, it: int, batch) -> tuple[dict, float | None]:
-        """Train on the iteration's groups (skipped when there are fewer than ranks), then APO's step
-        (only after a step ran: extrapolating an untrained iterate would put an extrapolated point where
-        APO keeps the previous optimiser output)."""
-        cfg, trainers = self.cfg, self.workers.trainers
-        train_stats: dict = {"loss": None, "pair_accuracy": None, "train_steps": 0}
-        if len(batch) >= trainers.world:
-            t = cfg.train
-            steps = steps_per_rank(len(batch), trainers.world, t.micro_batch_size, t.epochs)
-            progress = self.bar(f"iteration {it}: training {cfg.algorithm.name} (optimizer steps)", steps)
-            batch_ref = ray.put(batch)
-            per_rank = self.get(trainers.call("train", batch_ref, it, progress), "training", progress)
-            train_stats = _merge_rank_stats(per_rank)
-        apo_step = None
-        if self.method.extrapolates and train_stats["train_steps"]:
-            apo_step = self.get(trainers.call("extrapolate", cfg.algorithm.apo_alpha), "APO extrapolation")[0]
-        return train_stats, apo_step
-
-    def run(self) -> list[dict]:
-        first = self.start()
-        for it in range(first, self.cfg.iterations + 1):
-            row = self.iteration(it)
-            self.record(row)  # metrics first: a resume truncates rows past the last complete checkpoint
-            self.save_checkpoint(it)
-            self.rundir.publish()
-        rows = self.rundir.read_metrics()
-        check_something_trained(rows)
-        return rows
+        try:
+            if progress is not None:
+                self.view.follow(refs, progress, self.cfg.call_timeout_s)
+            return ray.get(refs, timeout=self.cfg.call_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            fix = "raise call_timeout_s (model loading and the first steps can take minutes) or fix the stall"
+            raise stopped(f"{what} did not answer within {limit}", fix) from None
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, (OnalignError, ValueError)):
+                raise PipelineError(f"{what} failed: {cause}") from None
+            text = " ".join(str(cause).split())
+            if isinstance(cause, TimeoutError) or (
+                isinstance(cause, RuntimeError) and ("timed out" in text.lower() or "timeout" in text.lower())
+            ):  # torch.distributed's collectives wait call_timeout_s too (the trainers' process group timeout)
+                problem = f"{what} timed out inside an actor ({type(cause).__name__}: {text[:200]}) under {limit}"
+                raise stopped(problem, "raise call_timeout_s (the trainers' collectives wait that long)") from None
+            raise
+        except ray.exceptions.RayActorError as e:
+            raise PipelineError(
+                f"an actor died during {what} ({type(e).__name__}). Completed iterations are saved in "
+                f"{self.rundir.checkpoints}; rerun the same command with --resume to continue from the last one"
+            ) from None
 
 
 def check_something_trained(rows: list[dict]) -> None:
@@ -384,16 +320,3 @@ def check_something_trained(rows: list[dict]) -> None:
         else f"only {pairs} pairs over {len(ran)} iterations, fewer than the train.num_workers ranks per iteration"
     )
     raise PipelineError(f"no iteration trained: {reason}. The metrics of the run are in metrics.jsonl")
-
-
-def _merge_rank_stats(per_rank: list[dict]) -> dict:
-    """Average per-rank metrics weighted by the pairs each rank trained on."""
-    total = sum(s["trained_pairs"] for s in per_rank)
-    out: dict = {"train_steps": sum(s["steps"] for s in per_rank) // max(len(per_rank), 1), "trained_pairs": total}
-    keys = {k for s in per_rank for k in s if k not in ("steps", "trained_pairs", "pair_weights")}
-    for k in sorted(keys):
-        out[k] = sum(s[k] * s["trained_pairs"] for s in per_rank if k in s) / max(total, 1)
-    weights = [w for s in per_rank for w in s.get("pair_weights", [])]
-    if weights:
-        out["pair_weights"] = weights
-    return out

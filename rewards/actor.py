@@ -25,8 +25,8 @@ from rewards.selection import prompt_score, select_prompts
 
 
 class RewardWorker:
-    def __init__(self, reward_cfg: dict) -> None:
-        self.cfg = RewardConfig(**reward_cfg)
+    def __init__(self, reward_cfg: RewardConfig | dict) -> None:
+        self.cfg = RewardConfig.model_validate(reward_cfg)
         self.name, self.fn = make_scorer(self.cfg)
 
     # ------------------------------------------------------------ run set-up and state
@@ -34,17 +34,17 @@ class RewardWorker:
         self,
         train: dict,
         eval_set: dict,
-        algorithm: dict,
-        selection: dict,
+        algorithm: AlgorithmConfig | dict,
+        selection: SelectionConfig | dict,
         n_samples: int,
         seed: int,
         prompts_per_iteration: int | None = None,
     ) -> None:
         """Start a run. `train` / `eval_set`: dicts of lists `texts`, `references`, `prompt_ids`, `sft_ids`."""
         self.train, self.eval = train, eval_set
-        self.algo_cfg = AlgorithmConfig(**algorithm)
+        self.algo_cfg = AlgorithmConfig.model_validate(algorithm)
         self.method = get_method(self.algo_cfg.name)
-        self.selection = SelectionConfig(**selection)
+        self.selection = SelectionConfig.model_validate(selection)
         self.n_samples = n_samples
         self.seed = seed
         self.per_iteration = prompts_per_iteration
@@ -147,7 +147,8 @@ class RewardWorker:
         dropped_ties = sum(1 for i in prompts if self.pools[i]) - len(groups)
         self.last_groups = groups
         if self.method.mixes_previous and self.algo_cfg.spin_mix_previous:
-            groups = groups + self.previous_groups
+            # a prompt OPTune did not regenerate has the same pair in both: train it once
+            groups = groups + [g for g in self.previous_groups if g not in groups]
         gaps = [g.rewards[0] - g.rewards[-1] for g in groups]
         stats = {
             "pairs": len(groups),

@@ -220,3 +220,22 @@ def test_apo_does_not_extrapolate_when_no_step_ran(run_tiny, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train_steps"] == 0 and rows[-1]["pairs"] == 0
     assert rows[-1]["apo_step_norm"] is None  # no optimiser output this iteration: no Nesterov step
+
+
+def test_spin_with_optune_reuse_trains_a_reused_pair_once(tiny):
+    tok, _ = tiny
+    w = worker(tok, "spin", n=1, selection={"mode": "lowest_reward", "rho": 0.5})
+    w.ingest(rollouts(tok, range(len(WORDS)), 1, 1, seed=1), 1)
+    w.batch()
+    w.ingest(rollouts(tok, w.select(2), 1, 2, seed=2), 2)
+    batch, _ = w.batch()
+    keys = [json.dumps(dataclasses.asdict(g)) for g in batch.groups]
+    assert len(keys) == len(set(keys))  # reused prompts' pairs are in this and last iteration's data alike
+
+
+def test_reference_free_methods_refuse_a_reference_setting():
+    from pipeline.config import ConfigError, load_config
+
+    for name in ("slic", "rrhf"):
+        with pytest.raises(ConfigError, match=f"{name} uses no reference model"):
+            load_config(None, [f"algorithm.name={name}", "algorithm.reference=initial"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 
+from pipeline.config import RolloutConfig
 from pipeline.progress import Ticker
 from pipeline.records import Rollout
 
@@ -52,9 +53,15 @@ def counting_tqdm(tick: Ticker):
 
 class RolloutWorker:
     def __init__(
-        self, model_path: str, rollout_cfg: dict, dtype: str = "float32", seed: int = 0, sync_backend: str = "cpu"
+        self,
+        model_path: str,
+        rollout_cfg: RolloutConfig | dict,
+        dtype: str = "float32",
+        seed: int = 0,
+        sync_backend: str = "cpu",
     ) -> None:
         os.environ.update(ENGINE_ENV)
+        rc = RolloutConfig.model_validate(rollout_cfg)  # the validated section (a dict is accepted too)
         import torch
         from vllm import LLM
 
@@ -67,23 +74,23 @@ class RolloutWorker:
         else:
             kwargs["weight_transfer_config"] = {"backend": "nccl"}
         if not torch.cuda.is_available():
-            kwargs["kv_cache_memory_bytes"] = int(rollout_cfg["kv_cache_mb"]) * 2**20
+            kwargs["kv_cache_memory_bytes"] = int(rc.kv_cache_mb) * 2**20
             # before vLLM pins the thread count; Ray set it to the actor's num_cpus
-            engines = rollout_cfg.get("num_engines", 1)
-            torch.set_num_threads(rollout_cfg.get("cpu_threads") or max(1, (os.cpu_count() or 1) // engines))
+            engines = rc.num_engines
+            torch.set_num_threads(rc.cpu_threads or max(1, (os.cpu_count() or 1) // engines))
             # Chunked prefill rewinds seeded samplers with Generator.set_offset, which CPU generators lack
             # ("CPU Generator does not use offset"): prefill whole prompts instead.
             kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(8192, rollout_cfg["max_model_len"])
+            kwargs["max_num_batched_tokens"] = max(8192, rc.max_model_len)
         else:
-            kwargs["gpu_memory_utilization"] = rollout_cfg["gpu_memory_utilization"]
-            if rollout_cfg["tensor_parallel_size"] > 1:
+            kwargs["gpu_memory_utilization"] = rc.gpu_memory_utilization
+            if rc.tensor_parallel_size > 1:
                 kwargs["distributed_executor_backend"] = "ray"  # TP workers in this actor's placement group
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
-            max_model_len=rollout_cfg["max_model_len"],
-            tensor_parallel_size=rollout_cfg["tensor_parallel_size"],
+            max_model_len=rc.max_model_len,
+            tensor_parallel_size=rc.tensor_parallel_size,
             enforce_eager=True,
             seed=seed,
             enable_prefix_caching=True,

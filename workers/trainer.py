@@ -304,12 +304,19 @@ class TrainerWorker:
         }
 
     # ------------------------------------------------------------ run set-up
-    def setup(self, model_path: str, train: dict, algorithm: dict, seed: int, trust_remote_code: bool = False) -> int:
+    def setup(
+        self,
+        model_path: str,
+        train: TrainConfig | dict,
+        algorithm: AlgorithmConfig | dict,
+        seed: int,
+        trust_remote_code: bool = False,
+    ) -> int:
         """Load the initial policy (safetensors only) and the run's settings; returns the parameter count."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        self.train_cfg = TrainConfig(**train)
-        self.algo_cfg = AlgorithmConfig(**algorithm)
+        self.train_cfg = TrainConfig.model_validate(train)
+        self.algo_cfg = AlgorithmConfig.model_validate(algorithm)
         self.method = get_method(self.algo_cfg.name)
         self.seed = seed
         self.model_path = model_path
