@@ -120,9 +120,10 @@ def _dispatch(args) -> int:
             f"reward {cfg.reward.kind}; output_dir {prep.rundir.where}{resume}"
         )
         if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-            from pipeline.driver import init_ray
+            if not ray.is_initialized():
+                from pipeline.driver import init_ray
 
-            init_ray(cfg)  # join the cluster a run would use (starts nothing)
+                init_ray(cfg)  # join the cluster a run would use (starts nothing)
             nodes = cluster_nodes()
         else:  # this machine, as the local Ray a run starts would see it, without starting one
             import torch
