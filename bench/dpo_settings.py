@@ -1,7 +1,9 @@
 """Which training settings let iterative DPO improve the built-in task: a small sweep over lr, epochs and
 nll_coef, several seeds, on-policy pairs. APO's comparison with DPO uses the winner.
 
-    .venv/bin/python bench/dpo_settings.py [--iterations 4] [--seeds 3]
+    .venv/bin/python bench/dpo_settings.py [--iterations 4] [--seeds 3] [--config configs/cpu-dpo.yaml]
+
+`--config` sweeps another method's preset the same way (e.g. configs/cpu-spin.yaml).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--config", default="configs/cpu-dpo.yaml")
     args = ap.parse_args()
+    method = args.config.rsplit("cpu-", 1)[-1].removesuffix(".yaml")
     lines = [
         "| setting | " + " | ".join(f"iter {i}" for i in range(args.iterations + 1)) + " | final - start (min) |",
         "|---|" + "---|" * (args.iterations + 2),
@@ -39,7 +43,7 @@ def main() -> None:
                 rows, _ = run(
                     f"/tmp/onalign-bench/dpo-settings/{len(runs)}",
                     [*extra, f"seed={seed}"],
-                    config="configs/cpu-dpo.yaml",
+                    config=args.config,
                 )
                 runs.append([r["eval_reward_mean"] for r in rows])
                 print(name, seed, [round(v, 3) for v in runs[-1]], flush=True)
@@ -53,13 +57,15 @@ def main() -> None:
             score = statistics.fmean(gains)
             if best is None or score > best[1]:
                 best = (name, score)
+    flag = "" if args.config == "configs/cpu-dpo.yaml" else f" --config {args.config}"
     body = (
-        f"Command: `.venv/bin/python bench/dpo_settings.py --iterations {args.iterations} --seeds {args.seeds}` "
-        f"({datetime.date.today()}, {machine()}).\n\nIterative DPO (reference = previous iterate, on-policy "
-        f"best-vs-worst of 4 samples, 256 prompts) under each setting: mean greedy eval reward over "
-        f"{args.seeds} seeds per iteration, and the mean (minimum) gain over the run.\n\n" + "\n".join(lines)
+        f"Command: `.venv/bin/python bench/dpo_settings.py --iterations {args.iterations} --seeds {args.seeds}{flag}` "
+        f"({datetime.date.today()}, {machine()}).\n\n{method} ({args.config}, on-policy data, 256 prompts) under "
+        f"each setting: mean greedy eval reward over {args.seeds} seeds per iteration, and the mean (minimum) "
+        "gain over the run.\n\n" + "\n".join(lines)
     )
-    write_section("Settings where iterative DPO improves (bench/dpo_settings.py)", body)
+    title = "Settings where iterative DPO improves" if method == "dpo" else f"Settings for {method}"
+    write_section(f"{title} (bench/dpo_settings.py)", body)
     print(f"best setting: {best[0]} (mean gain {best[1]:+.3f})")
 
 
