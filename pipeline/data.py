@@ -28,12 +28,12 @@ def _ids(rendered) -> list[int]:
     return list(rendered["input_ids"]) if hasattr(rendered, "keys") else list(rendered)
 
 
-def target_ids(tokenizer, messages: list[dict], response: str) -> list[int]:
+def target_ids(tokenizer, messages: list[dict], prompt: list[int], response: str) -> list[int]:
     """The ground-truth response as the model should generate it: its tokens as the chat template renders
     the assistant turn, up to and including the template's end-of-turn token (Llama-3 ends turns with
     <|eot_id|> while its eos_token is <|end_of_text|>; ChatML with <|im_end|>). Falls back to the
-    response's tokens + eos when the template does not render the turn after the generation prompt."""
-    prompt = _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    response's tokens + eos when the template does not render the turn after the generation prompt.
+    `prompt` is `messages` rendered with the generation prompt (untruncated)."""
     full = _ids(tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}]))
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     if full[: len(prompt)] == prompt:
@@ -60,8 +60,7 @@ def render(rows: list[dict], tokenizer, cfg: DataConfig, where: str) -> PromptSe
             continue
         seen.add(key)
         messages = row.get("messages") or [{"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+        rendered = ids = _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         if cfg.max_prompt_length is not None and len(ids) > cfg.max_prompt_length:
             if cfg.long_prompts == "skip":
                 counts["long_prompts_skipped"] += 1
@@ -71,7 +70,7 @@ def render(rows: list[dict], tokenizer, cfg: DataConfig, where: str) -> PromptSe
         out.texts.append(text)
         out.references.append(ref)
         out.prompt_ids.append(ids)
-        out.sft_ids.append(None if ref is None else target_ids(tokenizer, messages, ref))
+        out.sft_ids.append(None if ref is None else target_ids(tokenizer, messages, rendered, ref))
     out.counts = counts
     if not out.texts:
         hint = "check the data file"
