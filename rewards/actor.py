@@ -148,7 +148,10 @@ class RewardWorker:
         self.last_groups = groups
         if self.method.mixes_previous and self.algo_cfg.spin_mix_previous:
             # a prompt OPTune did not regenerate has the same pair in both: train it once
-            groups = groups + [g for g in self.previous_groups if g not in groups]
+            current = {g.prompt_index for g in groups}
+            groups = groups + [
+                g for g in self.previous_groups if g.prompt_index not in current or self.groups[g.prompt_index] != g
+            ]
         gaps = [g.rewards[0] - g.rewards[-1] for g in groups]
         stats = {
             "pairs": len(groups),
