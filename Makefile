@@ -9,7 +9,7 @@ EXTRAS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 QUIET_PIP := { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 OUTPUT ?= runs/demo
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup demo test test-fast lint format bench bench-real clean
 
 setup: $(VENV)/.installed-$(EXTRAS)
 
@@ -47,6 +47,11 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/run_all.py
+
+# SmolLM2-135M-Instruct: every method, OPTune's selection, APO vs DPO, then P1/P3/P5/P6 on it (over an hour on 2 cores).
+bench-real: setup
+	$(PY) bench/real.py
+	$(PY) bench/throughput.py --model smollm2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

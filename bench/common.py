@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -22,19 +23,20 @@ def machine() -> str:
 
 
 @contextmanager
-def shared_workers(base_overrides: list[str]):
-    """Start Ray + vLLM engine + trainer ranks once; yield a `run(overrides) -> (rows, seconds)` function."""
+def shared_workers(base_overrides: list[str], base_config: str = "configs/demo-cpu.yaml"):
+    """Start Ray + vLLM engine + trainer ranks once (for `base_config`'s model); yield a
+    `run(out, overrides, config=base_config) -> (rows, seconds)` function."""
     import ray
 
     from pipeline.driver import init_ray, prepare, run_with_workers, start_workers
 
-    cfg0 = load_config(ROOT / "configs/demo-cpu.yaml", [*base_overrides, "output_dir=/tmp/onalign-bench/_"])
+    cfg0 = load_config(ROOT / base_config, [*base_overrides, "output_dir=/tmp/onalign-bench/_"])
     init_ray(cfg0)
     from pipeline.driver import resolve_model
 
     workers = start_workers(cfg0, resolve_model(cfg0))
 
-    def run(out: str, overrides: list[str], config: str = "configs/demo-cpu.yaml"):
+    def run(out: str, overrides: list[str], config: str = base_config):
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
@@ -77,3 +79,27 @@ def write_section(title: str, body: str) -> None:
         nxt = text.find("\n## ", start + 1)
         text = text[:start] + section + (text[nxt:] if nxt != -1 else "")
     path.write_text(text)
+
+
+def cell(values: list[float]) -> str:
+    """mean ± half the range over seeds."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
+
+
+def eval_table(names: list[str], evals: dict, secs: dict, iterations: int) -> list[str]:
+    """Markdown rows: per method, the eval reward per iteration (mean ± half the range over seeds), the
+    mean (min) gain and the mean wall seconds per run. `evals[name]` is [seed][iteration]."""
+    head = "| method | " + " | ".join(f"iter {i}" for i in range(iterations + 1)) + " | final - start | wall s/run |"
+    lines = [head, "|---|" + "---|" * (iterations + 3)]
+    for name in names:
+        runs = evals[name]  # [seed][iteration]
+        per_iter = [[run[i] for run in runs] for i in range(iterations + 1)]
+        gains = [run[-1] - run[0] for run in runs]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cell(v) for v in per_iter)
+            + f" | {statistics.fmean(gains):+.3f} (min {min(gains):+.3f}) | {statistics.fmean(secs[name]):.0f} |"
+        )
+    return lines

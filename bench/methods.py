@@ -16,7 +16,7 @@ import argparse
 import datetime
 import statistics
 
-from common import machine, shared_workers, write_section
+from common import eval_table, machine, shared_workers, write_section
 
 RUNS = [
     ("dpo", "configs/cpu-dpo.yaml", []),
@@ -31,28 +31,6 @@ RUNS = [
 ]
 # APO against iterative DPO with the same loss, lr and epochs (alpha = 0 is iterative DPO).
 APO_VS_DPO = ["dpo", "apo (alpha 0.1)", "apo (alpha 0.3)"]
-
-
-def cell(values: list[float]) -> str:
-    """mean ± half the range over seeds."""
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
-
-
-def table(names: list[str], evals: dict, secs: dict, iterations: int) -> list[str]:
-    head = "| method | " + " | ".join(f"iter {i}" for i in range(iterations + 1)) + " | final - start | wall s/run |"
-    lines = [head, "|---|" + "---|" * (iterations + 3)]
-    for name in names:
-        runs = evals[name]  # [seed][iteration]
-        per_iter = [[run[i] for run in runs] for i in range(iterations + 1)]
-        gains = [run[-1] - run[0] for run in runs]
-        lines.append(
-            f"| {name} | "
-            + " | ".join(cell(v) for v in per_iter)
-            + f" | {statistics.fmean(gains):+.3f} (min {min(gains):+.3f}) | {statistics.fmean(secs[name]):.0f} |"
-        )
-    return lines
 
 
 def main() -> None:
@@ -77,10 +55,10 @@ def main() -> None:
         f"Greedy eval reward (`eval_reward_mean`, 64 held-out prompts) after each iteration, mean ± half the "
         f"range over {args.seeds} seeds (seed = prompt sets and samples; the SFT start is the same), 256 train "
         "prompts x 4 samples (SPIN: 1), pairs from each iteration's own samples. Tiny 338k-parameter model.\n\n"
-        + "\n".join(table(names, evals, secs, args.iterations))
+        + "\n".join(eval_table(names, evals, secs, args.iterations))
         + "\n\nAPO against iterative DPO at the same settings (the presets: lr 1e-4, 1 epoch; APO's paper claims "
         "it reaches iterative DPO's reward in fewer iterations):\n\n"
-        + "\n".join(table(APO_VS_DPO, evals, secs, args.iterations))
+        + "\n".join(eval_table(APO_VS_DPO, evals, secs, args.iterations))
     )
     write_section("Methods on the built-in task (bench/methods.py)", body)
     finals = {name: statistics.fmean(run[-1] for run in evals[name]) for name in names}

@@ -1,6 +1,9 @@
 """P1, P2, P3, P5, P6: ratios against a named baseline measured in the same run, on a 10-30M model.
 
-    .venv/bin/python bench/throughput.py
+    .venv/bin/python bench/throughput.py [--model bench|smollm2]
+
+`--model bench` (default, `make bench`): the 13M Qwen2 built offline by the demo's builder.
+`--model smollm2` (`make bench-real`): SmolLM2-135M-Instruct (pipeline/smollm2.py), a real pretrained model.
 
 P1 DPO training tokens/s: our 2-rank ZeRO-2 trainer group vs TRL DPOTrainer (same model, pairs, global
    batch, sequence lengths, fp32).
@@ -12,6 +15,7 @@ P6 peak trainer RSS: one of our trainer ranks vs TRL DPOTrainer with its residen
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -26,10 +30,20 @@ HIDDEN, LAYERS = 512, 6
 N_PAIRS, BATCH, EPOCHS = 128, 16, 1
 
 
-def bench_model() -> str:
+def bench_model(name: str) -> tuple[str, str, str]:
+    """(model directory, how BENCHMARKS.md describes it, the section title) for `--model name`."""
+    if name == "smollm2":
+        from pipeline.smollm2 import smollm2_path
+
+        title = "Throughput and memory on SmolLM2-135M-Instruct (bench/throughput.py --model smollm2)"
+        return str(smollm2_path()), "SmolLM2-135M-Instruct (Llama, 30 layers, tied embeddings)", title
     from pipeline.tiny_model import tiny_model_path
 
-    return str(tiny_model_path(hidden=HIDDEN, layers=LAYERS, sft_steps=0))
+    path = str(tiny_model_path(hidden=HIDDEN, layers=LAYERS, sft_steps=0))
+    return path, f"Qwen2 built offline by the demo's builder, hidden {HIDDEN}, {LAYERS} layers", TITLE
+
+
+TITLE = "Throughput and memory (bench/throughput.py)"
 
 
 def make_pairs(tok, n: int, seed: int = 0, response_chars: tuple[int, int] = (20, 40)) -> list[dict]:
@@ -85,6 +99,9 @@ def run_trl(path: str, rows: list[dict]) -> dict:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["bench", "smollm2"], default="bench")
+    args = ap.parse_args()
     import ray
     import torch
 
@@ -94,7 +111,7 @@ def main() -> None:
     from workers.rollout import ENGINE_ENV, RolloutWorker
     from workers.weight_sync import sync_weights
 
-    path = bench_model()
+    path, described, title = bench_model(args.model)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -199,14 +216,15 @@ def main() -> None:
     )
 
     body = (
-        f"Command: `.venv/bin/python bench/throughput.py` ({datetime.date.today()}, {machine()}).\n\n"
-        f"Model: Qwen2 built offline by the demo's builder, hidden {HIDDEN}, {LAYERS} layers, {params / 1e6:.1f}M "
+        f"Command: `.venv/bin/python bench/throughput.py{'' if args.model == 'bench' else ' --model ' + args.model}` "
+        f"({datetime.date.today()}, {machine()}).\n\n"
+        f"Model: {described}, {params / 1e6:.1f}M "
         f"parameters, fp32 on CPU. P1/P6: {N_PAIRS} pairs, global batch {BATCH}, {EPOCHS} epoch, prompt 10-30 and "
         "responses 20-40 characters. P2 is in the methods/optune sections' timing columns (see below).\n\n"
         "| id | measure | onalign | baseline (same run) | ratio | goal |\n|---|---|---|---|---|---|\n"
         + "\n".join(results[k] for k in ("P1", "P3", "P5", "P6"))
     )
-    write_section("Throughput and memory (bench/throughput.py)", body)
+    write_section(title, body)
     for k in ("P1", "P3", "P5", "P6"):
         print(results[k])
     print(f"ratios: P1 {p1:.2f}x  P3 {p3:.2f}x  P5 {p5:.2f}x  P6 {p6:.2f}x")
