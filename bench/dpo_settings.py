@@ -12,7 +12,7 @@ import argparse
 import datetime
 import statistics
 
-from common import machine, shared_workers, write_section
+from benchkit import machine, shared_workers, write_section
 
 SETTINGS = [
     ("lr 5e-4, 2 epochs, nll 0 (preset before)", ["train.lr=5e-4", "train.epochs=2", "algorithm.nll_coef=0"]),

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from common import best_of, machine, write_section
+from benchkit import best_of, machine, start_engine, write_section
 from throughput import bench_model, make_pairs
 
 N_PAIRS, MICRO_BATCH, EPOCHS, ROUNDS = 64, 8, 2, 3
@@ -46,7 +46,7 @@ def train_variant(concat: bool = True, ref_precompute: bool = True, group_by_len
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.config import AlgorithmConfig
+    from common.config import AlgorithmConfig
     from workers.logprobs import batched_sequence_logprobs, sequence_logprobs
     from workers.losses import LossInputs, dpo_loss
     from workers.trainer import micro_batches
@@ -127,16 +127,11 @@ def sync_lever() -> tuple[float, float, float, int]:
     from transformers import AutoModelForCausalLM
 
     from workers.cpu_transfer import to_wire
-    from workers.rollout import ENGINE_ENV, RolloutWorker
 
     path = bench_model()
     weights = {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1 << 30)
-    rollout_cfg = {"kv_cache_mb": 256, "max_model_len": 512, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.5}
-    engine = (
-        ray.remote(RolloutWorker).options(num_cpus=1, runtime_env={"env_vars": ENGINE_ENV}).remote(path, rollout_cfg)
-    )
-    ray.get(engine.ready.remote())
+    engine = start_engine(path)
 
     def bucketed() -> None:
         ray.get(engine.load_weights.remote(ray.put(to_wire(weights)), 256))

@@ -16,7 +16,7 @@ import argparse
 import datetime
 import statistics
 
-from common import eval_table, machine, shared_workers, write_section
+from benchkit import eval_table, machine, shared_workers, write_section
 
 RUNS = [
     ("dpo", "configs/cpu-dpo.yaml", []),

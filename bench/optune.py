@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 
-from common import machine, shared_workers, write_section
+from benchkit import machine, shared_workers, write_section
 
 RUNS = [
     ("rho 1.0 (all)", ["selection.mode=all", "selection.rho=1.0"]),

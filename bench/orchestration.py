@@ -15,7 +15,7 @@ import glob
 import json
 import sys
 
-from common import machine, write_section
+from benchkit import machine, write_section
 
 PHASES = ["time_generate_s", "time_score_s", "time_train_s", "time_sync_s", "time_eval_s"]
 

@@ -16,16 +16,16 @@ from __future__ import annotations
 import argparse
 import datetime
 
-from common import eval_table, machine, shared_workers, write_section
+from benchkit import eval_table, machine, shared_workers, write_section
 
 CONFIG = "configs/smollm2-cpu.yaml"
 PURE = ["algorithm.nll_coef=0.0"]
 WDPO = [
     *PURE,
     "algorithm.name=wdpo",
-    "algorithm.beta2=1.0",
-    "algorithm.weight_fn=exp",
-    "algorithm.normalize_weights=true",
+    "algorithm.wdpo_beta2=1.0",
+    "algorithm.wdpo_weight_fn=exp",
+    "algorithm.wdpo_normalize_weights=true",
     "selection.score=best_reward",
 ]
 RUNS = [

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from common import best_of, machine, write_section
+from benchkit import best_of, machine, start_engine, write_section
 
 HIDDEN, LAYERS = 512, 6
 N_PAIRS, BATCH, EPOCHS = 128, 16, 1
@@ -105,10 +105,9 @@ def main() -> None:
     import ray
     import torch
 
-    from pipeline.config import SyncConfig
-    from pipeline.records import PreferenceBatch, PreferenceGroup
+    from common.config import SyncConfig
+    from common.records import PreferenceBatch, PreferenceGroup
     from workers.actor_group import TrainerGroup
-    from workers.rollout import ENGINE_ENV, RolloutWorker
     from workers.weight_sync import sync_weights
 
     path, described, title = bench_model(args.model)
@@ -158,11 +157,7 @@ def main() -> None:
     )
 
     # ---------------- P3: weight sync vs in-process copy
-    rollout_cfg = {"kv_cache_mb": 256, "max_model_len": 512, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.5}
-    engine = (
-        ray.remote(RolloutWorker).options(num_cpus=1, runtime_env={"env_vars": ENGINE_ENV}).remote(path, rollout_cfg)
-    )
-    ray.get(engine.ready.remote())
+    engine = start_engine(path)
     weights = ray.get(group.call_rank0("get_weights"))
     nbytes = sum(v.numel() * v.element_size() for v in weights.values())
     sync_s = best_of(lambda: ray.get(sync_weights(group, [engine], SyncConfig())))

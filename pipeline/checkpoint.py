@@ -14,11 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.errors import OnalignError
+from common.errors import OnalignError
 from pipeline.rundir import CHECKPOINT_FORMAT, RunDir, RunDirError
 
 if TYPE_CHECKING:
-    from pipeline.config import RunConfig
+    from common.config import RunConfig
 
 # Settings that may change when a run is resumed: they change how long it runs, how it reports and how
 # patient it is, never what it computes. Every other setting must equal the run's saved config.yaml.
@@ -197,7 +197,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def compare_configs(saved: dict, cfg: RunConfig) -> tuple[dict, dict]:
     """(refused, allowed): the settings of `cfg` that differ from the run's saved config, key -> (old, new).
     A key the saved config predates is compared with its default (what that run used)."""
-    from pipeline.config import RunConfig
+    from common.config import RunConfig
 
     old = _flat(saved)
     defaults = _flat(RunConfig().model_dump(mode="json"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.errors import is_user_error
+from common.errors import is_user_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,7 +82,7 @@ def _causes(e: BaseException | None):
 
 
 def _dispatch(args) -> int:
-    from pipeline.config import load_config
+    from common.config import load_config
 
     if args.command == "report":
         from pipeline.report import write_comparison, write_report

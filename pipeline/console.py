@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import is_user_error
+from common.errors import is_user_error
 
 COLUMNS = [
     ("iteration", "it", "{}"),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from common.config import BUILTIN_ARITHMETIC_TASK, BUILTIN_TASK, DataConfig
+from common.errors import DataError
 from pipeline.builtin_task import make_arithmetic_examples, make_examples
-from pipeline.config import BUILTIN_ARITHMETIC_TASK, BUILTIN_TASK, DataConfig
-from pipeline.errors import DataError
 
 
 @dataclass

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import DataConfig
-from pipeline.errors import DataError
+from common.config import DataConfig
+from common.errors import DataError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 CHAT_ALIASES = ("messages", "conversations")

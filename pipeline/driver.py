@@ -12,12 +12,12 @@ from pathlib import Path
 
 import ray
 
+from common.config import BUILTIN_MODEL, BUILTIN_REWARD_MODEL, BUILTIN_SMOLLM2, RunConfig
+from common.methods import get_method
 from pipeline.checkpoint import ResumeError, check_fingerprint, check_resume_config, fingerprint_of, plan_resume
-from pipeline.config import BUILTIN_MODEL, BUILTIN_SMOLLM2, RunConfig
 from pipeline.console import ActorLogs, Console
 from pipeline.data import DataError, PromptSet, load_prompt_sets
 from pipeline.loop import Loop, Workers
-from pipeline.methods import get_method
 from pipeline.rundir import RunDir, RunDirError
 from workers.actor_group import TrainerGroup
 from workers.rollout import ENGINE_ENV, RolloutWorker
@@ -44,6 +44,15 @@ def resolve_model(cfg: RunConfig) -> str:
 
         return str(smollm2_path())
     return _model_dir(m.path, "model.path")
+
+
+def resolve_reward_model(cfg: RunConfig) -> str:
+    """`reward.model_path`, with `builtin:tiny-rm` built (once, cached) and replaced by its directory."""
+    if cfg.reward.model_path == BUILTIN_REWARD_MODEL:
+        from pipeline.tiny_reward_model import tiny_reward_model_path
+
+        return str(tiny_reward_model_path())
+    return cfg.reward.model_path or ""
 
 
 def _model_dir(path: str, key: str) -> str:
@@ -138,7 +147,7 @@ def load_tokenizer(path: str, key: str, trust_remote_code: bool = False):
     tokenizer has no chat template (every prompt is rendered through it)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from pipeline.config import ConfigError
+    from common.config import ConfigError
 
     files = _local_files(path)
     try:
@@ -200,9 +209,7 @@ def _check_all(cfg: RunConfig, create: bool) -> tuple[Prepared, dict]:
 
         load_function(cfg.reward.function)  # a typo in module:function fails here, not in an actor
     if cfg.reward.kind == "model":
-        from rewards.model import resolve_reward_model
-
-        rm = resolve_reward_model(cfg.reward.model_path or "")  # builds the tiny RM once, before any actor
+        rm = resolve_reward_model(cfg)  # builds the tiny RM once, before any actor
         load_tokenizer(_model_dir(rm, "reward.model_path"), "reward.model_path", cfg.reward.trust_remote_code)
     model_path = resolve_model(cfg)
     tokenizer = load_tokenizer(model_path, "model.path", cfg.model.trust_remote_code)
@@ -372,9 +379,10 @@ def start_workers(cfg: RunConfig, model_path: str) -> Workers:
 def make_reward_actor(cfg: RunConfig):
     from rewards.actor import RewardWorker
 
-    return (
-        ray.remote(RewardWorker).options(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus).remote(cfg.reward)
-    )
+    reward = cfg.reward
+    if reward.kind == "model":
+        reward = reward.model_copy(update={"model_path": resolve_reward_model(cfg)})
+    return ray.remote(RewardWorker).options(num_cpus=reward.num_cpus, num_gpus=reward.num_gpus).remote(reward)
 
 
 def run_with_workers(prep: Prepared, workers: Workers, console: Console | None = None) -> list[dict]:

@@ -11,14 +11,15 @@ from dataclasses import dataclass
 
 import ray
 
+from common.config import RunConfig
+from common.errors import OnalignError
+from common.methods import get_method
+from common.records import Rollout
+from common.ticker import Ticker
 from pipeline.checkpoint import checkpoint_state, fingerprint_of, resume_point
-from pipeline.config import RunConfig
 from pipeline.data import PromptSet
-from pipeline.errors import OnalignError
-from pipeline.methods import get_method
 from pipeline.metrics import RolloutStage, TrainStage, iteration_row, merge_rank_stats
-from pipeline.progress import ProgressView, Ticker
-from pipeline.records import Rollout
+from pipeline.progress import ProgressView
 from pipeline.rundir import RunDir
 from workers.actor_group import TrainerGroup
 from workers.trainer import steps_per_rank

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.records import PreferenceBatch, Rollout
+from common.records import PreferenceBatch, Rollout
 
 
 @dataclass

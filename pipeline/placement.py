@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config import RunConfig
-from pipeline.errors import OnalignError
+from common.config import RunConfig
+from common.errors import OnalignError
 
 
 class PlanError(OnalignError, RuntimeError):

@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.errors import OnalignError
+from common.errors import OnalignError
 
 CHECKPOINT_FORMAT = 1
 
@@ -147,7 +147,7 @@ class RunDir:
             )
         from pydantic import BaseModel
 
-        from pipeline.config import RunConfig
+        from common.config import RunConfig
 
         for key, field in RunConfig.model_fields.items():
             section = isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)

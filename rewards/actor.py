@@ -16,10 +16,11 @@ import statistics
 
 import numpy as np
 
-from pipeline.config import AlgorithmConfig, RewardConfig, SelectionConfig
-from pipeline.methods import get_method
-from pipeline.progress import Ticker
-from pipeline.records import PreferenceBatch, PreferenceGroup, Rollout
+from common.config import AlgorithmConfig, RewardConfig, SelectionConfig
+from common.methods import get_method
+from common.records import PreferenceBatch, PreferenceGroup, Rollout
+from common.ticker import Ticker
+from rewards.pairs import GROUP_BUILDERS
 from rewards.scorers import make_scorer, score
 from rewards.selection import prompt_score, select_prompts
 
@@ -44,6 +45,7 @@ class RewardWorker:
         self.train, self.eval = train, eval_set
         self.algo_cfg = AlgorithmConfig.model_validate(algorithm)
         self.method = get_method(self.algo_cfg.name)
+        self.build_group = GROUP_BUILDERS[self.method.pairs]
         self.selection = SelectionConfig.model_validate(selection)
         self.n_samples = n_samples
         self.seed = seed
@@ -129,7 +131,7 @@ class RewardWorker:
         self.previous_groups = self.last_groups
         for i, samples in sorted(fresh.items()):
             self.pools[i] = self.pools[i] + samples if self.algo_cfg.pair_pool == "all" else samples
-            self.groups[i] = self.method.build_group(
+            self.groups[i] = self.build_group(
                 i, self.train["prompt_ids"][i], self.pools[i], self.train["sft_ids"][i], self.n_samples
             )
         distinct = _distinct_fraction(rollouts)

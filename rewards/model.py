@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import RewardConfig
+from common.batching import length_sorted_batches, right_pad
+from common.config import RewardConfig
 
 
 class ModelScorer:
     def __init__(self, cfg: RewardConfig) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        path = resolve_reward_model(cfg.model_path or "")
+        path = cfg.model_path  # a directory or Hub name: the driver has already built `builtin:tiny-rm`
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
@@ -37,28 +38,10 @@ class ModelScorer:
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str], references: list[str | None]) -> list[float]:
         seqs = [self.render(p, r) for p, r in zip(prompts, responses, strict=True)]
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         scores = [0.0] * len(seqs)
-        pad = self.model.config.pad_token_id
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            width = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-                attn[row, : len(seqs[i])] = 1
+        for idx in length_sorted_batches([len(s) for s in seqs], self.batch_size):
+            ids, attn = right_pad([seqs[i] for i in idx], self.model.config.pad_token_id)
             logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
             for row, i in enumerate(idx):
                 scores[i] = float(logits[row, 0].float())
         return scores
-
-
-def resolve_reward_model(path: str) -> str:
-    from pipeline.config import BUILTIN_REWARD_MODEL
-
-    if path == BUILTIN_REWARD_MODEL:
-        from rewards.tiny_reward_model import tiny_reward_model_path
-
-        return str(tiny_reward_model_path())
-    return path

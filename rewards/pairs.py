@@ -1,6 +1,6 @@
 """Group builders: from one prompt's scored samples to its training group (a pair, or k ranked responses).
 
-Each method's entry in `pipeline.methods` names one of these. The samples passed in are the prompt's
+Each method's entry in `common.methods` names one of these (`Method.pairs`, a key of GROUP_BUILDERS). The samples passed in are the prompt's
 pool: this iteration's samples by default (`algorithm.pair_pool: current`, on-policy as iterative DPO,
 APO, SPIN and OPTune train), or every sample so far (`all`). Every group carries the prompt's SFT target
 (`sft_ids`, None without one) so that methods that score it (SLiC-HF's y_ref) receive it.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pipeline.records import PreferenceGroup, Rollout
+from common.records import PreferenceGroup, Rollout
 
 GroupBuilder = Callable[[int, list[int], list[Rollout], list[int] | None, int], PreferenceGroup | None]
 
@@ -59,3 +59,10 @@ def ground_truth(
         return None
     own = pool[-1]
     return PreferenceGroup(prompt_index, prompt_ids, [sft_ids, own.response_ids], [1.0, own.reward or 0.0], sft_ids)
+
+
+GROUP_BUILDERS: dict[str, GroupBuilder] = {
+    "best_worst": best_worst,
+    "ranked_list": ranked_list,
+    "ground_truth": ground_truth,
+}

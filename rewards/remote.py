@@ -16,8 +16,8 @@ import threading
 import time
 import urllib.request
 
-from pipeline.config import RewardConfig
-from pipeline.errors import RewardError
+from common.config import RewardConfig
+from common.errors import RewardError
 
 
 class _Deadline:

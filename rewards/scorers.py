@@ -13,8 +13,8 @@ import math
 import os
 from collections.abc import Callable
 
-from pipeline.config import RewardConfig
-from pipeline.errors import RewardError
+from common.config import RewardConfig
+from common.errors import RewardError
 
 ScoreFn = Callable[[list[str], list[str], list[str | None]], list[float]]
 

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from pipeline.records import PreferenceGroup, Rollout
+from common.records import PreferenceGroup, Rollout
 
 
 def prompt_score(pool: list[Rollout], group: PreferenceGroup | None, kind: str) -> float:

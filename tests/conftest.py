@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from pipeline.config import load_config  # noqa: E402
+from common.config import load_config  # noqa: E402
 
 TEST_OVERRIDES = [
     "data.num_train_prompts=48",

@@ -118,7 +118,7 @@ def test_cpu_sync_matches_trainer_logprobs(arch, ray_cluster, model_path, tmp_pa
     import ray
     from transformers import AutoTokenizer
 
-    from pipeline.config import RolloutConfig
+    from common.config import RolloutConfig
     from workers.rollout import ENGINE_ENV, RolloutWorker
     from workers.trainer import TrainerWorker
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 
 
 def test_demo_config_loads_with_overrides():
@@ -76,3 +76,15 @@ def test_fresh_prompts_and_optune_selection_exclude_each_other():
             "configs/demo-cpu.yaml",
             ["data.prompts_per_iteration=32", "selection.mode=lowest_reward", "selection.rho=0.5"],
         )
+
+
+def test_wdpo_knobs_carry_the_method_prefix():
+    cfg = load_config(None, ["algorithm.name=wdpo", "algorithm.wdpo_beta2=2.0", "algorithm.wdpo_weight_fn=sigmoid"])
+    assert (cfg.algorithm.wdpo_beta2, cfg.algorithm.wdpo_weight_fn, cfg.algorithm.wdpo_normalize_weights) == (
+        2.0,
+        "sigmoid",
+        True,
+    )
+    for old in ("beta2", "weight_fn", "normalize_weights"):
+        with pytest.raises(ConfigError, match=f"'algorithm.{old}' was renamed 'algorithm.wdpo_{old}'"):
+            load_config(None, ["algorithm.name=wdpo", f"algorithm.{old}=1"])

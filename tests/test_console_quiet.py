@@ -157,7 +157,7 @@ def test_a_dead_actor_behind_a_pipeline_error_names_the_actors_log(echo, tmp_pat
 
 
 def test_a_user_mistake_needs_no_log_and_a_bug_gets_the_driver_log(tmp_path):
-    from pipeline.config import ConfigError
+    from common.config import ConfigError
 
     logs = ActorLogs(tmp_path)
     with pytest.raises(ConfigError) as mistake, logs.explaining():
@@ -211,8 +211,8 @@ def test_ray_streams_the_actors_output_only_when_verbose(monkeypatch, flags, str
 
 def test_verbose_may_change_on_resume(tmp_path):
     """Where the actors' output goes changes nothing the run computes: `--resume --verbose` is allowed."""
+    from common.config import load_config
     from pipeline.checkpoint import compare_configs
-    from pipeline.config import load_config
 
     saved = load_config("configs/demo-cpu.yaml", [f"output_dir={tmp_path}"]).model_dump(mode="json")
     refused, allowed = compare_configs(

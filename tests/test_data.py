@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.config import DataConfig
+from common.config import DataConfig
 from pipeline.data import DataError, load_prompt_sets
 
 PROMPTS = [f"reverse: {w}" for w in ["abc", "defg", "hijkl", "mnop", "qrs", "tuvw", "xyz", "bcd", "cdef", "efg"]]

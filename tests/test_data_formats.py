@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.config import DataConfig
+from common.config import DataConfig
 from pipeline.data import DataError, load_prompt_sets
 
 WORDS = [f"w{i:02d}x" for i in range(30)]

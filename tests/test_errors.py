@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from common.config import ConfigError
+from common.errors import OnalignError, is_user_error
 from pipeline.checkpoint import ResumeError
-from pipeline.config import ConfigError
 from pipeline.data import DataError
-from pipeline.errors import OnalignError, is_user_error
 from pipeline.loop import PipelineError
 from pipeline.placement import PlanError
 from pipeline.rundir import RunDirError

@@ -42,7 +42,7 @@ def gpu_run(tmp_path_factory):
     import ray
     import torch
 
-    from pipeline.config import load_config
+    from common.config import load_config
     from pipeline.driver import init_ray, prepare, run_with_workers, start_workers
 
     num_gpus = torch.cuda.device_count()

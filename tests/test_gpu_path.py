@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.config import SyncConfig
+from common.config import SyncConfig
 from workers.weight_sync import resolve_backend
 
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -114,7 +114,7 @@ def _fp32_masters_rank(rank: int, world: int, stage: int, port: int, out: str) -
     torch.set_num_threads(1)
     import deepspeed
 
-    from pipeline.config import TrainConfig
+    from common.config import TrainConfig
     from workers.trainer import TrainerWorker, load_fp32_masters
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -171,7 +171,7 @@ def test_bf16_training_iterations_keep_fp32_weights(ray_cluster, model_path, sta
     fp32 policy where it was; before, every iteration rounded it to bf16."""
     import ray
 
-    from pipeline.records import PreferenceBatch, PreferenceGroup
+    from common.records import PreferenceBatch, PreferenceGroup
     from workers.actor_group import TrainerGroup
 
     group = TrainerGroup(2, 0, 0, CPU_ENV, timeout_s=120)

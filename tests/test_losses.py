@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from pipeline.config import AlgorithmConfig
-from pipeline.methods import METHODS, get_method
+from common.config import AlgorithmConfig
+from common.methods import METHODS, get_method
 from workers.losses import LOSSES, LossInputs, dpo_loss, ipo_loss, rrhf_loss, slic_loss, wdpo_loss
 
 LOGPS = torch.tensor([[-3.0, -5.0], [-4.0, -2.0]])
@@ -80,7 +80,7 @@ def test_rrhf_closed_form_three_responses():
 
 @pytest.mark.parametrize("fn,g", [("exp", math.exp), ("sigmoid", lambda x: 2 * sig(x)), ("linear", lambda x: 1 + x)])
 def test_wdpo_weights_closed_form(fn, g):
-    cfg = AlgorithmConfig(name="wdpo", beta=0.5, beta2=2.0, weight_fn=fn, normalize_weights=True)
+    cfg = AlgorithmConfig(name="wdpo", beta=0.5, wdpo_beta2=2.0, wdpo_weight_fn=fn, wdpo_normalize_weights=True)
     loss, stats = wdpo_loss(inputs(), cfg)
     raw = [g(2.0 * 0.8), g(2.0 * 0.4)]
     w = [x / (sum(raw) / 2) for x in raw]
@@ -91,7 +91,7 @@ def test_wdpo_weights_closed_form(fn, g):
 
 def test_wdpo_beta2_zero_is_dpo():
     for fn in ("exp", "sigmoid", "linear"):
-        cfg = AlgorithmConfig(name="wdpo", beta=0.3, beta2=0.0, weight_fn=fn, nll_coef=0.5)
+        cfg = AlgorithmConfig(name="wdpo", beta=0.3, wdpo_beta2=0.0, wdpo_weight_fn=fn, nll_coef=0.5)
         assert torch.equal(wdpo_loss(inputs(), cfg)[0], dpo_loss(inputs(), cfg)[0])
 
 
@@ -130,7 +130,7 @@ def test_no_nan_on_empty_truncated_and_equal_responses(name):
 
 
 def test_registry_is_what_the_config_accepts():
-    from pipeline.config import ConfigError, load_config
+    from common.config import ConfigError, load_config
 
     for name in METHODS:
         n = "1" if get_method(name).max_samples == 1 else "4"

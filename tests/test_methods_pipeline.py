@@ -14,9 +14,9 @@ import random
 import pytest
 import torch
 
-from pipeline.config import AlgorithmConfig
-from pipeline.methods import get_method
-from pipeline.records import Rollout
+from common.config import AlgorithmConfig
+from common.methods import get_method
+from common.records import Rollout
 from rewards.actor import RewardWorker
 from workers.losses import LOSSES
 from workers.trainer import apo_extrapolate, loss_inputs, micro_batches, rank_pair_weights, shard_for_rank
@@ -141,7 +141,7 @@ def test_spin_pairs_ground_truth_with_this_iterations_sample_and_mixes_the_previ
 def weights_by_prompt(groups, world: int, micro: int) -> dict[int, float]:
     """The pair weights the wdpo loss applies, collected per prompt over every rank and micro-batch,
     the way the trainer computes them."""
-    cfg = AlgorithmConfig(name="wdpo", beta2=2.0)
+    cfg = AlgorithmConfig(name="wdpo", wdpo_beta2=2.0)
     out = {}
     for rank in range(world):
         shard = shard_for_rank(groups, rank, world)
@@ -194,7 +194,7 @@ def test_apo_step_keeps_tied_embeddings_tied_and_counts_them_once():
 
 
 def test_apo_and_spin_refuse_a_fixed_initial_reference():
-    from pipeline.config import ConfigError, load_config
+    from common.config import ConfigError, load_config
 
     for name, n in (("apo", 4), ("spin", 1)):
         with pytest.raises(
@@ -234,7 +234,7 @@ def test_spin_with_optune_reuse_trains_a_reused_pair_once(tiny):
 
 
 def test_reference_free_methods_refuse_a_reference_setting():
-    from pipeline.config import ConfigError, load_config
+    from common.config import ConfigError, load_config
 
     for name in ("slic", "rrhf"):
         with pytest.raises(ConfigError, match=f"{name} uses no reference model"):

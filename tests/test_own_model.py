@@ -23,7 +23,7 @@ def llama3_style_tokenizer(model_path):
 
 
 def test_sft_target_ends_with_the_templates_end_of_turn_not_eos(llama3_style_tokenizer):
-    from pipeline.config import DataConfig
+    from common.config import DataConfig
     from pipeline.data import render
 
     tok = llama3_style_tokenizer
@@ -34,7 +34,7 @@ def test_sft_target_ends_with_the_templates_end_of_turn_not_eos(llama3_style_tok
 def test_tiny_models_target_is_unchanged(model_path):
     from transformers import AutoTokenizer
 
-    from pipeline.config import DataConfig
+    from common.config import DataConfig
     from pipeline.data import render
 
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -43,7 +43,7 @@ def test_tiny_models_target_is_unchanged(model_path):
 
 
 def test_default_max_prompt_length_is_what_the_context_leaves():
-    from pipeline.config import load_config
+    from common.config import load_config
 
     cfg = load_config(None, ["rollout.max_model_len=512", "rollout.max_new_tokens=64"])
     assert cfg.data.max_prompt_length == 448
@@ -52,7 +52,7 @@ def test_default_max_prompt_length_is_what_the_context_leaves():
 def test_all_prompts_too_long_names_the_setting(model_path, tmp_path):
     from transformers import AutoTokenizer
 
-    from pipeline.config import DataConfig
+    from common.config import DataConfig
     from pipeline.data import DataError, render
 
     tok = AutoTokenizer.from_pretrained(model_path)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.records import Rollout
+from common.records import Rollout
 from rewards.pairs import best_worst, ground_truth, ranked_list
 from rewards.selection import num_selected, prompt_score, select_prompts
 

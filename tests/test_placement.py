@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from pipeline.config import load_config
+from common.config import load_config
 from pipeline.placement import PlanError, dry_run, fit
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline.config import RewardConfig
+from common.config import RewardConfig
 from rewards.remote import RemoteScorer
 from rewards.scorers import RewardError
 

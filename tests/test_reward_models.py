@@ -4,20 +4,21 @@ against a local HTTP server, and clear errors."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
 
-from pipeline.records import Rollout
+from common.records import Rollout
 from rewards.functions import reverse_reward
 from rewards.scorers import RewardError
 
 
 @pytest.fixture(scope="module")
 def rm_path() -> str:
-    from rewards.tiny_reward_model import tiny_reward_model_path
+    from pipeline.tiny_reward_model import tiny_reward_model_path
 
     return str(tiny_reward_model_path())
 
@@ -47,7 +48,7 @@ def test_held_out_pair_accuracy(rm_path):
     mixed >= (2 x 0.9 + 0.4) / 3 = 0.73 even with the foreign-letter kind at its worst."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rewards.tiny_reward_model import pair_accuracy, preference_pairs
+    from pipeline.tiny_reward_model import pair_accuracy, preference_pairs
 
     model = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(rm_path)
@@ -96,6 +97,17 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
+def test_builtin_rm_through_the_pipeline(run_tiny, rm_path):
+    """`reward.model_path: builtin:tiny-rm` is built by the driver and scores a whole iteration in the actor."""
+    rows, _ = run_tiny(
+        "iterations=1", "reward.kind=model", "reward.model_path=builtin:tiny-rm", "data.num_train_prompts=32"
+    )
+    scores = [rows[1]["reward_mean"], rows[0]["eval_reward_mean"], rows[1]["eval_reward_mean"]]
+    assert all(math.isfinite(x) for x in scores)
+    assert not all(0.0 <= x <= 1.0 for x in scores)  # RM logits, not the 0..1 rule-based reward
+
+
 @pytest.fixture
 def server():
     srv = HTTPServer(("127.0.0.1", 0), _Handler)
@@ -106,7 +118,7 @@ def server():
 
 
 def test_remote_kind_against_local_server_with_retry(server):
-    from pipeline.config import RewardConfig
+    from common.config import RewardConfig
     from rewards.scorers import make_scorer, score
 
     _Handler.fail_first = 1  # the first try fails: the retry must recover
@@ -117,7 +129,7 @@ def test_remote_kind_against_local_server_with_retry(server):
 
 
 def test_remote_kind_gives_clear_error_when_down():
-    from pipeline.config import RewardConfig
+    from common.config import RewardConfig
     from rewards.scorers import make_scorer, score
 
     name, fn = make_scorer(RewardConfig(kind="remote", url="http://127.0.0.1:9/score", retries=1, timeout_s=2))

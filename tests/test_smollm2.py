@@ -95,7 +95,7 @@ def smol():
     """(model dir, tokenizer, config) of the converted SmolLM2-135M-Instruct."""
     from transformers import AutoTokenizer
 
-    from pipeline.config import load_config
+    from common.config import load_config
     from pipeline.driver import resolve_model
 
     cfg = load_config(CONFIG)
@@ -197,7 +197,7 @@ def test_sync_makes_engine_logprobs_equal_trainer_on_30_tied_layers(smol, engine
     import ray
     import torch
 
-    from pipeline.config import SyncConfig
+    from common.config import SyncConfig
     from workers.weight_sync import sync_weights
 
     _, tok, _ = smol

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from common.batching import length_sorted_batches, right_pad
+
 
 def pack(
     prompts: list[list[int]], responses: list[list[int]], pad_id: int
@@ -17,13 +19,9 @@ def pack(
     The target mask is aligned with `ids[:, 1:]`, i.e. with the next-token predictions.
     """
     seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    target = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
+    ids, attn = right_pad(seqs, pad_id)
+    target = torch.zeros((len(seqs), ids.shape[1] - 1), dtype=torch.bool)
     for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attn[i, : len(s)] = 1
         target[i, len(p) - 1 : len(s) - 1] = True
     return ids, attn, target
 
@@ -58,11 +56,9 @@ def batched_sequence_logprobs(
     batch_size: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """No-grad `sequence_logprobs` in length-sorted batches (little padding), returned in input order."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
     logps = torch.zeros(len(prompts))
     lens = torch.zeros(len(prompts))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in length_sorted_batches([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], batch_size):
         lp, ln = sequence_logprobs(model, [prompts[i] for i in idx], [responses[i] for i in idx], pad_id)
         logps[idx] = lp.cpu()
         lens[idx] = ln.cpu()

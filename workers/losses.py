@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import AlgorithmConfig
+from common.config import AlgorithmConfig
 
 
 @dataclass
@@ -120,16 +120,16 @@ def wdpo_weights(reward_gap: torch.Tensor, cfg: AlgorithmConfig) -> torch.Tensor
     each chosen so that g(0) = 1, hence beta2 = 0 gives weight 1 for every pair, i.e. plain DPO.
     Weights are constants (no gradient flows through the reward).
     """
-    x = cfg.beta2 * reward_gap.detach()
-    if cfg.weight_fn == "exp":
+    x = cfg.wdpo_beta2 * reward_gap.detach()
+    if cfg.wdpo_weight_fn == "exp":
         # exp(x - max) is overflow-safe and, after mean normalisation, equal to exp(x).
-        shift = x.max() if (cfg.normalize_weights and x.numel()) else torch.zeros(())
+        shift = x.max() if (cfg.wdpo_normalize_weights and x.numel()) else torch.zeros(())
         w = torch.exp((x - shift).clamp(max=50.0))
-    elif cfg.weight_fn == "sigmoid":
+    elif cfg.wdpo_weight_fn == "sigmoid":
         w = 2.0 * torch.sigmoid(x)
     else:
         w = (1.0 + x).clamp(min=0.0)
-    if cfg.normalize_weights and w.numel():
+    if cfg.wdpo_normalize_weights and w.numel():
         w = w / w.mean().clamp(min=1e-12)
     return w
 
@@ -149,7 +149,7 @@ def wdpo_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     return w * loss, stats
 
 
-# Loss name (pipeline.methods.Method.loss) -> function. The registry of methods is pipeline.methods.
+# Loss name (common.methods.Method.loss) -> function. The registry of methods is common.methods.
 LOSSES: dict[str, LossFn] = {
     "dpo": dpo_loss,
     "ipo": ipo_loss,

@@ -11,9 +11,9 @@ from __future__ import annotations
 import io
 import os
 
-from pipeline.config import RolloutConfig
-from pipeline.progress import Ticker
-from pipeline.records import Rollout
+from common.config import RolloutConfig
+from common.records import Rollout
+from common.ticker import Ticker
 
 # Keep the engine core inside this process (what a Ray actor wants), and keep it offline.
 ENGINE_ENV = {

@@ -23,10 +23,10 @@ from typing import TypeVar
 
 import torch
 
-from pipeline.config import AlgorithmConfig, TrainConfig
-from pipeline.methods import Method, get_method
-from pipeline.progress import Ticker
-from pipeline.records import PreferenceBatch, PreferenceGroup
+from common.config import AlgorithmConfig, TrainConfig
+from common.methods import Method, get_method
+from common.records import PreferenceBatch, PreferenceGroup
+from common.ticker import Ticker
 from workers.logprobs import batched_sequence_logprobs, sequence_logprobs
 from workers.losses import LOSSES, LossInputs, wdpo_weights
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ray
 
-from pipeline.config import SyncConfig
+from common.config import SyncConfig
 from workers.actor_group import TrainerGroup
 
 

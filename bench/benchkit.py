@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pipeline.config import load_config  # noqa: E402
+from common.config import load_config  # noqa: E402
 
 
 def machine() -> str:
@@ -50,6 +50,19 @@ def shared_workers(base_overrides: list[str], base_config: str = "configs/demo-c
     finally:
         workers.shutdown()
         ray.shutdown()
+
+
+def start_engine(path: str, kv_cache_mb: int = 256, max_model_len: int = 512):
+    """One vLLM rollout actor on `path` (one CPU, the pipeline's engine environment), ready to generate."""
+    import ray
+
+    from common.config import RolloutConfig
+    from workers.rollout import ENGINE_ENV, RolloutWorker
+
+    cfg = RolloutConfig(kv_cache_mb=kv_cache_mb, max_model_len=max_model_len)
+    engine = ray.remote(RolloutWorker).options(num_cpus=1, runtime_env={"env_vars": ENGINE_ENV}).remote(path, cfg)
+    ray.get(engine.ready.remote())
+    return engine
 
 
 def best_of(fn, repeats: int = 5) -> float:

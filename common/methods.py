@@ -1,8 +1,8 @@
 """The one registry of alignment methods: what each trains on and how, in a torch-free module.
 
-An entry carries the name of its loss (a function in `workers.losses.LOSSES`), the function that builds
-its training group from one prompt's scored samples (`rewards.pairs`), and the traits that the config,
-the reward actor and the trainer read. Adding a method is one `register(Method(...))` here (plus a loss
+An entry carries the name of its loss (a function in `workers.losses.LOSSES`), the name of the function
+that builds its training group from one prompt's scored samples (`rewards.pairs.GROUP_BUILDERS`), and the
+traits that the config, the reward actor and the trainer read. Adding a method is one `register(Method(...))` here (plus a loss
 function when it needs a new one). What each method trains on follows its paper; see
 `shared/notes/methods.md` and README's table.
 """
@@ -12,14 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rewards.pairs import GroupBuilder, best_worst, ground_truth, ranked_list
+GroupKind = Literal["best_worst", "ranked_list", "ground_truth"]  # keys of rewards.pairs.GROUP_BUILDERS
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     loss: str  # key of workers.losses.LOSSES
-    build_group: GroupBuilder  # one prompt's samples of this iteration -> its training group (or None)
+    pairs: GroupKind  # how one prompt's samples become its training group (rewards.pairs)
     summary: str
     min_samples: int = 2  # rollout.n_samples needed per prompt
     max_samples: int | None = None
@@ -53,28 +53,28 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown algorithm.name '{name}'; choose one of: {', '.join(METHODS)}") from None
 
 
-register(Method("dpo", "dpo", best_worst, "iterative DPO: best vs worst of this iteration's samples"))
-register(Method("ipo", "ipo", best_worst, "IPO: best vs worst, squared log-ratio loss"))
+register(Method("dpo", "dpo", "best_worst", "iterative DPO: best vs worst of this iteration's samples"))
+register(Method("ipo", "ipo", "best_worst", "IPO: best vs worst, squared log-ratio loss"))
 register(
     Method(
         "slic",
         "slic",
-        best_worst,
+        "best_worst",
         "SLiC-HF: hinge on best vs worst plus lambda * NLL of the dataset's target",
         reference="none",
         scores_sft_target=True,
         needs_sft_target=True,
     )
 )
-register(Method("rrhf", "rrhf", ranked_list, "RRHF: all k samples ranked", reference="none"))
-register(Method("wdpo", "wdpo", best_worst, "OPTune's weighted DPO: best vs worst", weighted=True))
+register(Method("rrhf", "rrhf", "ranked_list", "RRHF: all k samples ranked", reference="none"))
+register(Method("wdpo", "wdpo", "best_worst", "OPTune's weighted DPO: best vs worst", weighted=True))
 # SPIN (arXiv 2401.01335): y+ = the ground truth, y- = the current policy's own generation for the prompt
 # (one per prompt), the previous iterate as opponent (reference), and the previous iteration's pairs mixed in.
 register(
     Method(
         "spin",
         "dpo",
-        ground_truth,
+        "ground_truth",
         "SPIN: ground truth vs the policy's own sample, previous iterate as opponent",
         min_samples=1,
         max_samples=1,
@@ -88,7 +88,7 @@ register(
     Method(
         "apo",
         "dpo",
-        best_worst,
+        "best_worst",
         "APO: iterative DPO + theta <- theta_hat + alpha (theta_hat - theta_hat_prev)",
         reference="previous",
         extrapolates=True,

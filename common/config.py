@@ -15,8 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import OnalignError
-from pipeline.methods import METHODS
+from common.errors import OnalignError
+from common.methods import METHODS
 
 BUILTIN_MODEL = "builtin:tiny"
 BUILTIN_TASK = "builtin:reverse"
@@ -129,7 +129,7 @@ class SelectionConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    # A method of the registry in pipeline/methods.py (dpo, ipo, slic, rrhf, wdpo, spin, apo).
+    # A method of the registry in common/methods.py (dpo, ipo, slic, rrhf, wdpo, spin, apo).
     name: str = "dpo"
     # initial: RLHFlow-style fixed reference; previous: the iteration's starting policy (SPIN and APO
     # require it: their papers define the reference as the previous iterate).
@@ -141,10 +141,10 @@ class AlgorithmConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     # Per-token NLL of the chosen response added to pair losses (Iterative RPO, arXiv 2404.19733).
     nll_coef: float = Field(0.0, ge=0.0)
-    # wdpo (OPTune): weight g(beta2 * (r_chosen - r_rejected)).
-    beta2: float = Field(1.0, ge=0.0)
-    weight_fn: Literal["exp", "sigmoid", "linear"] = "exp"
-    normalize_weights: bool = True
+    # wdpo (OPTune): weight g(wdpo_beta2 * (r_chosen - r_rejected)).
+    wdpo_beta2: float = Field(1.0, ge=0.0)
+    wdpo_weight_fn: Literal["exp", "sigmoid", "linear"] = "exp"
+    wdpo_normalize_weights: bool = True
     # slic (SLiC-HF, arXiv 2305.10425): hinge margin delta and regulariser lambda on the SFT target.
     slic_delta: float = Field(1.0, gt=0.0)
     slic_lambda: float = Field(0.1, ge=0.0)
@@ -296,9 +296,15 @@ def _field_names(model: type[BaseModel], path: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+# Keys renamed since an earlier release: (section, old) -> new.
+RENAMED = {("algorithm", old): f"wdpo_{old}" for old in ("beta2", "weight_fn", "normalize_weights")}
+
+
 def _format_error(err: dict) -> str:
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden" and tuple(map(str, loc)) in RENAMED:
+        return f"config key '{key}' was renamed '{loc[0]}.{RENAMED[tuple(map(str, loc))]}'; use the new name"
     if err["type"] == "extra_forbidden":
         valid = _field_names(RunConfig, loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
