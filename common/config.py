@@ -169,6 +169,11 @@ class TrainConfig(_Section):
     num_cpus: float = Field(0.5, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
     bf16: bool = False
+    # Reference log-probs of responses that the reference policy itself sampled (reference = previous
+    # iterate, samples of this iteration): "rollout" takes the engine's own sampled-token log-probs (no
+    # reference forward pass for them); "forward" recomputes every one; "auto" is "rollout" when the engine
+    # and the trainer both run fp32 (they agree to ~1e-5) and "forward" otherwise (bf16 log-probs differ).
+    reference_logps: Literal["auto", "rollout", "forward"] = "auto"
     gradient_checkpointing: bool = False
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
     offload_params: bool = False  # ZeRO-3 parameters in CPU memory
@@ -214,6 +219,9 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         a, r = self.algorithm, self.rollout
+        if self.train.reference_logps == "auto":
+            fp32 = self.model.dtype == "float32" and not self.train.bf16
+            self.train.reference_logps = "rollout" if fp32 else "forward"
         method = METHODS.get(a.name)
         if method is None:
             close = difflib.get_close_matches(a.name, list(METHODS), n=1)

@@ -27,6 +27,11 @@ class PreferenceGroup:
     responses: list[list[int]]
     rewards: list[float]
     sft_ids: list[int] | None = None  # the dataset's ground-truth response (SLiC-HF y_ref)
+    # Per response: the engine's summed log-prob of it and the iteration whose policy sampled it (None for a
+    # response the engine did not sample, such as SPIN's ground truth). The trainer takes the reference
+    # log-probs from these when the reference is the policy that sampled them (`train.reference_logps`).
+    sample_logps: list[float | None] | None = None
+    sampled_at: list[int | None] | None = None
 
 
 @dataclass

@@ -18,6 +18,23 @@ from common.records import PreferenceGroup, Rollout
 GroupBuilder = Callable[[int, list[int], list[Rollout], list[int] | None, int], PreferenceGroup | None]
 
 
+def _group(
+    prompt_index: int, prompt_ids: list[int], responses: list[Rollout | list[int]], sft_ids: list[int] | None
+) -> PreferenceGroup:
+    """A group of `responses`, best first: sampled ones (Rollouts) carry their reward, the engine's log-prob
+    and the iteration that sampled them; a dataset target (token ids: SPIN's y+) has reward 1 and neither."""
+    sampled = [r if isinstance(r, Rollout) else None for r in responses]
+    return PreferenceGroup(
+        prompt_index,
+        prompt_ids,
+        [r.response_ids if r is not None else ids for r, ids in zip(sampled, responses, strict=True)],
+        [(r.reward or 0.0) if r is not None else 1.0 for r in sampled],
+        sft_ids,
+        sample_logps=[r.sample_logprob if r is not None else None for r in sampled],
+        sampled_at=[r.iteration if r is not None else None for r in sampled],
+    )
+
+
 def _ranked(pool: list[Rollout]) -> list[Rollout]:
     """Pool sorted by reward, best first; equal rewards keep pool order (stable)."""
     return sorted(pool, key=lambda r: -float(r.reward))
@@ -33,9 +50,7 @@ def best_worst(
     best, worst = ranked[0], ranked[-1]
     if best.reward == worst.reward:
         return None
-    return PreferenceGroup(
-        prompt_index, prompt_ids, [best.response_ids, worst.response_ids], [best.reward, worst.reward], sft_ids
-    )
+    return _group(prompt_index, prompt_ids, [best, worst], sft_ids)
 
 
 def ranked_list(
@@ -45,10 +60,7 @@ def ranked_list(
     latest = pool[-k:]
     if len(latest) < 2 or len({r.reward for r in latest}) == 1:
         return None
-    ranked = _ranked(latest)
-    return PreferenceGroup(
-        prompt_index, prompt_ids, [r.response_ids for r in ranked], [r.reward for r in ranked], sft_ids
-    )
+    return _group(prompt_index, prompt_ids, _ranked(latest), sft_ids)
 
 
 def ground_truth(
@@ -57,8 +69,7 @@ def ground_truth(
     """SPIN: chosen = the dataset's ground-truth response, rejected = the policy's newest own generation."""
     if sft_ids is None or not pool:
         return None
-    own = pool[-1]
-    return PreferenceGroup(prompt_index, prompt_ids, [sft_ids, own.response_ids], [1.0, own.reward or 0.0], sft_ids)
+    return _group(prompt_index, prompt_ids, [sft_ids, pool[-1]], sft_ids)
 
 
 GROUP_BUILDERS: dict[str, GroupBuilder] = {

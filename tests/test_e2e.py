@@ -67,6 +67,35 @@ def test_sync_makes_engine_logprobs_equal_trainer(run_tiny, workers, model_path)
     assert max(abs(a - b) for a, b in zip(trainer_lp, initial_lp, strict=True)) > 1e-3
 
 
+def test_sampled_logprobs_are_the_reference_logprobs(run_tiny, workers, model_path, tmp_path):
+    """The engine's log-prob of each response it samples equals the trainer's forward pass of the same policy
+    (after a sync), so `train.reference_logps: rollout` may skip the reference forward for them; the run
+    reports how many reference log-probs came from the rollout."""
+    import ray
+    from transformers import AutoTokenizer
+
+    rows, _ = run_tiny("iterations=1")
+    assert rows[1]["ref_logps_from_rollout"] == 1.0  # dpo, reference = previous: every pair was just sampled
+    tok = AutoTokenizer.from_pretrained(model_path)
+    prompts = [
+        list(
+            tok.apply_chat_template([{"role": "user", "content": f"reverse: {w}"}], add_generation_prompt=True)[
+                "input_ids"
+            ]
+        )
+        for w in ["abc", "hello", "xyzzy", "qwerty"]
+    ]
+    samples = ray.get(workers.rollouts[0].generate.remote(prompts, [0, 1, 2, 3], 2, 1.0, 1.0, 16, 7, 1))
+    trainer_lp = ray.get(
+        workers.trainers.call_rank0(
+            "sequence_logprobs", [prompts[s.prompt_index] for s in samples], [s.response_ids for s in samples]
+        )
+    )
+    assert [s.sample_logprob for s in samples] == pytest.approx(trainer_lp, abs=1e-3)
+    forward, _ = run_tiny("iterations=1", "train.reference_logps=forward", out=tmp_path / "forward")
+    assert forward[1]["ref_logps_from_rollout"] == 0.0
+
+
 def _hf_logprobs(path, prompts, responses):
     import torch
     from transformers import AutoModelForCausalLM

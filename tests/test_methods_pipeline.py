@@ -239,3 +239,51 @@ def test_reference_free_methods_refuse_a_reference_setting():
     for name in ("slic", "rrhf"):
         with pytest.raises(ConfigError, match=f"{name} uses no reference model"):
             load_config(None, [f"algorithm.name={name}", "algorithm.reference=initial"])
+
+
+def with_sample_logps(model, tok, samples: list[Rollout]) -> list[Rollout]:
+    """The rollouts with the log-prob the engine would report: the sampling policy's (here the tiny model)."""
+    from workers.logprobs import batched_sequence_logprobs
+
+    prompts = [prompt_data(tok)["prompt_ids"][r.prompt_index] for r in samples]
+    logps, _ = batched_sequence_logprobs(model, prompts, [r.response_ids for r in samples], tok.pad_token_id)
+    return [dataclasses.replace(r, sample_logprob=float(lp)) for r, lp in zip(samples, logps, strict=True)]
+
+
+def test_reference_logps_come_from_the_rollout_only_for_this_iterations_own_samples(tiny):
+    """OPTune reuse: a reused group's samples came from an older policy, so its reference log-probs need a
+    forward pass; a regenerated group's come with the rollout and equal that forward pass."""
+    from workers.logprobs import batched_sequence_logprobs
+    from workers.trainer import rollout_reference
+
+    tok, model = tiny
+    w = worker(tok, "wdpo", selection={"mode": "lowest_reward", "rho": 0.5})
+    w.ingest(with_sample_logps(model, tok, rollouts(tok, range(len(WORDS)), 4, 1, seed=1)), 1)
+    selected = w.select(2)
+    w.ingest(with_sample_logps(model, tok, rollouts(tok, selected, 4, 2, seed=2)), 2)
+    groups = w.batch()[0].groups
+    known, missing = rollout_reference(groups, 2)
+    regenerated = {i for i, g in enumerate(groups) if g.prompt_index in selected}
+    assert regenerated and len(regenerated) < len(groups)
+    assert sorted({i for i, _ in missing}) == sorted(set(range(len(groups))) - regenerated)
+    forward, _ = batched_sequence_logprobs(
+        model, [g.prompt_ids for g in groups for _ in g.responses], [r for g in groups for r in g.responses], 0
+    )
+    forward = forward.view(len(groups), 2)
+    for i in regenerated:
+        assert known[i].tolist() == pytest.approx(forward[i].tolist(), abs=1e-4)
+
+
+def test_spin_ground_truth_is_never_taken_from_the_rollout(tiny):
+    from workers.trainer import rollout_reference
+
+    tok, model = tiny
+    w = worker(tok, "spin", n=1)
+    w.ingest(with_sample_logps(model, tok, rollouts(tok, range(len(WORDS)), 1, 1, seed=1)), 1)
+    w.ingest(with_sample_logps(model, tok, rollouts(tok, range(len(WORDS)), 1, 2, seed=2)), 2)
+    groups = w.batch()[0].groups  # this iteration's pairs, then the previous iteration's
+    _, missing = rollout_reference(groups, 2)
+    current = len(WORDS)
+    assert {(i, 0) for i in range(len(groups))} <= set(missing)  # y+ = the ground truth: no sampled log-prob
+    assert not {(i, 1) for i in range(current)} & set(missing)  # y- sampled this iteration: from the rollout
+    assert {(i, 1) for i in range(current, len(groups))} <= set(missing)  # y- of the previous iteration

@@ -94,6 +94,25 @@ def loss_inputs(
     return inputs
 
 
+def rollout_reference(groups: list[PreferenceGroup], iteration: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Reference log-probs [groups, K] that the rollout already gave, and the (group, response) slots it did
+    not: a response's sampled log-prob is its reference log-prob when the policy that sampled it is the
+    reference, i.e. it was sampled in this `iteration` (reference = the iteration's starting policy). Older
+    samples (OPTune's reused groups, SPIN's mixed-in pairs, `pair_pool: all`) and dataset targets are
+    missing and need a forward pass."""
+    known = torch.zeros(len(groups), len(groups[0].responses))
+    missing = []
+    for i, g in enumerate(groups):
+        for k in range(len(g.responses)):
+            logp = g.sample_logps[k] if g.sample_logps else None
+            at = g.sampled_at[k] if g.sampled_at else None
+            if logp is not None and at == iteration:
+                known[i, k] = logp
+            else:
+                missing.append((i, k))
+    return known, missing
+
+
 def apo_extrapolate(trained: StateDict, trained_prev: StateDict, alpha: float) -> tuple[StateDict, float]:
     """APO's Nesterov step (arXiv 2410.06293): theta = theta_hat + alpha (theta_hat - theta_hat_prev).
 
@@ -372,13 +391,7 @@ class TrainerWorker:
         weights = (
             rank_pair_weights(batch.groups, self.rank, self.world, self.algo_cfg) if self.method.weighted else None
         )
-        ref_logps = None
-        if self.method.needs_reference:
-            ref_weights = self.initial if self.initial is not None else self.weights
-            ref_model = self._model(ref_weights).eval()
-            ref_logps, _ = batched_sequence_logprobs(ref_model, *flatten(shard), self.pad_id)
-            ref_logps = ref_logps.view(len(shard), -1)
-            del ref_model
+        ref_logps, from_rollout = self._reference_logps(shard, iteration) if self.method.needs_reference else (None, 0)
         model = self._model(self.weights)
         if self.train_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -418,10 +431,33 @@ class TrainerWorker:
         release(engine)
         del engine, model
         out = {"steps": len(losses), "trained_pairs": len(shard), "loss": statistics.fmean(losses)}
+        if ref_logps is not None:
+            out["ref_logps_from_rollout"] = from_rollout / ref_logps.numel()
         out.update({k: statistics.fmean(v) for k, v in stats.items()})
         if "pair_weight" in stats:
             out["pair_weights"] = stats["pair_weight"][: len(shard)]
         return out
+
+    def _reference_logps(self, shard: list[PreferenceGroup], iteration: int) -> tuple[torch.Tensor, int]:
+        """Reference log-probs [groups, K] of the shard, with no grad, and how many came from the rollout.
+
+        The reference is the initial policy or the iteration's starting one (`self.weights`); with
+        `reference_logps: rollout` the samples that policy drew this iteration bring their own, and a
+        reference model is built (then dropped: none stays resident while training) only for the rest."""
+        if self.initial is None and self.train_cfg.reference_logps == "rollout":
+            ref_logps, missing = rollout_reference(shard, iteration)
+        else:
+            ref_logps = torch.zeros(len(shard), len(shard[0].responses))
+            missing = [(i, k) for i in range(len(shard)) for k in range(len(shard[i].responses))]
+        if missing:
+            ref_model = self._model(self.initial if self.initial is not None else self.weights).eval()
+            prompts = [shard[i].prompt_ids for i, _ in missing]
+            responses = [shard[i].responses[k] for i, k in missing]
+            logps, _ = batched_sequence_logprobs(ref_model, prompts, responses, self.pad_id)
+            rows, cols = zip(*missing, strict=True)
+            ref_logps[list(rows), list(cols)] = logps
+            del ref_model
+        return ref_logps, ref_logps.numel() - len(missing)
 
     def _gather(self, engine) -> StateDict:
         """Full fp32 weights on CPU, on every rank: the optimizer's fp32 masters (under bf16 the module holds
