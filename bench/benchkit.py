@@ -57,10 +57,10 @@ def start_engine(path: str, kv_cache_mb: int = 256, max_model_len: int = 512):
     import ray
 
     from common.config import RolloutConfig
-    from workers.rollout import ENGINE_ENV, RolloutWorker
+    from workers.rollout import RolloutWorker, engine_env
 
     cfg = RolloutConfig(kv_cache_mb=kv_cache_mb, max_model_len=max_model_len)
-    engine = ray.remote(RolloutWorker).options(num_cpus=1, runtime_env={"env_vars": ENGINE_ENV}).remote(path, cfg)
+    engine = ray.remote(RolloutWorker).options(num_cpus=1, runtime_env={"env_vars": engine_env(cfg)}).remote(path, cfg)
     ray.get(engine.ready.remote())
     return engine
 

@@ -6,9 +6,18 @@ Training levers (DPO, the bench model of bench/throughput.py, one process with 2
 that each peak RSS is its own; the variants use the trainer's own code: `sequence_logprobs`,
 `batched_sequence_logprobs`, `micro_batches`, `dpo_loss`):
 - concat:      one forward over chosen + rejected (2B sequences) vs two forwards of B;
-- ref_precompute: reference log-probs once per iteration (no-grad, length-sorted), reference model
-               dropped before training vs a resident reference model run at every micro-batch;
+- ref_from_rollout: the reference log-probs are the ones the engine returned with each sample (the
+               reference is the policy that sampled: no reference model at all) vs computed once per
+               iteration by a reference forward (no-grad, length-sorted, model dropped before training);
+- ref_precompute: that once-per-iteration reference forward vs a resident reference model run at every
+               micro-batch (this variant also has the rollout lever off);
 - group_by_length: micro-batches cut from length-sorted windows vs uniformly random micro-batches.
+Rollout levers (the vLLM engine of the rollout actor, in its own process per variant, as P5 measures it:
+64 prompts x 4 samples x 64 tokens on the bench model):
+- tcmalloc:    LD_PRELOAD tcmalloc (rollout.cpu_preload_tcmalloc, on by default when installed) vs glibc malloc;
+- iomp:        Intel OpenMP preloaded too (vLLM's other CPU advice; not the default);
+- eager:       rollout.enforce_eager (the default) vs torch.compile (slower start, timed separately);
+- prefix caching: the n samples of a prompt share its KV blocks (rollout.enable_prefix_caching) vs not.
 Sync lever (the vLLM actor, through Ray, as in P3):
 - bucketed sync: the state dict in one object-store transfer, loaded in 256 MB buckets vs one Ray call
                per tensor.
@@ -27,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from benchkit import best_of, machine, start_engine, write_section
 from throughput import bench_model, make_pairs
@@ -36,12 +46,13 @@ RESPONSE_CHARS = (4, 120)  # a wide length spread, as in real preference data
 VARIANTS = {
     "all levers on": {},
     "concat off (two forwards)": {"concat": False},
-    "ref_precompute off (resident reference)": {"ref_precompute": False},
+    "ref_from_rollout off (reference forward per iteration)": {"reference": "precompute"},
+    "ref_precompute off too (resident reference)": {"reference": "resident"},
     "group_by_length off (random micro-batches)": {"group_by_length": False},
 }
 
 
-def train_variant(concat: bool = True, ref_precompute: bool = True, group_by_length: bool = True) -> dict:
+def train_variant(concat: bool = True, reference: str = "rollout", group_by_length: bool = True) -> dict:
     """One DPO iteration (EPOCHS epochs) over the bench pairs with the given levers; tokens/s and peak RSS."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,7 +64,7 @@ def train_variant(concat: bool = True, ref_precompute: bool = True, group_by_len
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    path = bench_model()
+    path = bench_model("bench")[0]
     tok = AutoTokenizer.from_pretrained(path)
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     rows = make_pairs(tok, N_PAIRS, response_chars=RESPONSE_CHARS)
@@ -63,13 +74,18 @@ def train_variant(concat: bool = True, ref_precompute: bool = True, group_by_len
     pad = tok.pad_token_id
     cfg = AlgorithmConfig(name="dpo", beta=0.1)
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    t0 = time.perf_counter()
     ref_all = None
-    if ref_precompute:
-        lp, _ = batched_sequence_logprobs(reference, prompts + prompts, chosen + rejected, pad)
+    if reference == "rollout":  # the engine's sampled log-probs of the policy, before training (not timed)
+        lp, _ = batched_sequence_logprobs(policy.eval(), prompts + prompts, chosen + rejected, pad)
         ref_all = torch.stack([lp[:N_PAIRS], lp[N_PAIRS:]], dim=1)
-        del reference
+        policy.train()
+    else:
+        ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    t0 = time.perf_counter()
+    if reference == "precompute":
+        lp, _ = batched_sequence_logprobs(ref_model, prompts + prompts, chosen + rejected, pad)
+        ref_all = torch.stack([lp[:N_PAIRS], lp[N_PAIRS:]], dim=1)
+        del ref_model
     optim = torch.optim.AdamW(policy.parameters(), lr=5e-4, foreach=False)
     widths = [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
     real = padded = 0
@@ -91,7 +107,7 @@ def train_variant(concat: bool = True, ref_precompute: bool = True, group_by_len
             else:
                 with torch.no_grad():
                     ref = torch.stack(
-                        [sequence_logprobs(reference, p, c, pad)[0], sequence_logprobs(reference, p, r, pad)[0]], 1
+                        [sequence_logprobs(ref_model, p, c, pad)[0], sequence_logprobs(ref_model, p, r, pad)[0]], 1
                     )
             loss, _ = dpo_loss(LossInputs(logps, lengths, torch.tensor([[1.0, 0.0]] * len(idx)), ref), cfg)
             optim.zero_grad()
@@ -111,9 +127,59 @@ def train_variant(concat: bool = True, ref_precompute: bool = True, group_by_len
     }
 
 
-def run_variant(levers: dict) -> dict:
+ROLLOUT_VARIANTS = {
+    "defaults (tcmalloc, eager, prefix caching)": {},
+    "tcmalloc off": {"tcmalloc": False},
+    "iomp on (with tcmalloc)": {"iomp": True},
+    "compiled (enforce_eager off)": {"enforce_eager": False},
+    "prefix caching off": {"enable_prefix_caching": False},
+}
+
+
+def rollout_variant(enforce_eager: bool = True, enable_prefix_caching: bool = True) -> dict:
+    """The engine in this process (its LD_PRELOAD set by the caller): start-up seconds and rollout tokens/s."""
+    import os
+
+    from common.config import RolloutConfig
+    from workers.rollout import ENGINE_ENV, RolloutWorker
+
+    os.environ.update(ENGINE_ENV)
+    path = bench_model("bench")[0]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in make_pairs(tok, 64)]
+    cfg = RolloutConfig(
+        kv_cache_mb=256, max_model_len=512, enforce_eager=enforce_eager, enable_prefix_caching=enable_prefix_caching
+    )
+    t = time.perf_counter()
+    engine = RolloutWorker(path, cfg)
+    start_s = time.perf_counter() - t
+    engine.generate(prompts[:4], [0, 1, 2, 3], 4, 1.0, 1.0, 64, 0, 0)  # warm-up
+    t = time.perf_counter()
+    outs = engine.generate(prompts, list(range(len(prompts))), 4, 1.0, 1.0, 64, 0, 1)
+    secs = time.perf_counter() - t
+    return {"tokens_per_s": sum(len(o.response_ids) for o in outs) / secs, "start_s": start_s}
+
+
+def run_variant(levers: dict, kind: str = "train") -> dict:
+    import os
+
+    from common.config import RolloutConfig
+    from workers.rollout import engine_env
+
+    env = dict(os.environ)
+    if kind == "rollout":
+        preload = engine_env(RolloutConfig(cpu_preload_tcmalloc=levers.pop("tcmalloc", True))).get("LD_PRELOAD", "")
+        if levers.pop("iomp", False):
+            preload = ":".join(filter(None, [preload, str(Path(sys.prefix) / "lib" / "libiomp5.so")]))
+        env["LD_PRELOAD"] = preload
     res = subprocess.run(
-        [sys.executable, __file__, "--variant", json.dumps(levers)], capture_output=True, text=True, timeout=1800
+        [sys.executable, __file__, f"--{kind}", json.dumps(levers)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=env,
     )
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-3000:])
@@ -128,7 +194,7 @@ def sync_lever() -> tuple[float, float, float, int]:
 
     from workers.cpu_transfer import to_wire
 
-    path = bench_model()
+    path = bench_model("bench")[0]
     weights = {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1 << 30)
     engine = start_engine(path)
@@ -175,6 +241,19 @@ def main() -> None:
             f"**{ratios[name]:.2f}x** | {median(name, 'pad_fraction'):.0%} | {median(name, 'peak_rss_mb'):.0f} | "
             f"{median(name, 'peak_rss_mb') / base_rss:.2f}x |"
         )
+    gen: dict[str, list[dict]] = {name: [] for name in ROLLOUT_VARIANTS}
+    for _ in range(ROUNDS):
+        for name, levers in ROLLOUT_VARIANTS.items():
+            gen[name].append(run_variant(dict(levers), kind="rollout"))
+    gen_base = statistics.median(r["tokens_per_s"] for r in gen["defaults (tcmalloc, eager, prefix caching)"])
+    gen_rows = []
+    for name, results in gen.items():
+        tps = [r["tokens_per_s"] for r in results]
+        ratios[name] = statistics.median(tps) / gen_base
+        gen_rows.append(
+            f"| {name} | {statistics.median(tps):.0f} ({min(tps):.0f}-{max(tps):.0f}) | **{ratios[name]:.2f}x** "
+            f"| {statistics.median(r['start_s'] for r in results):.1f} |"
+        )
     bucketed_s, per_tensor_s, pickled_s, n_tensors = sync_lever()
     body = (
         f"Command: `.venv/bin/python bench/levers.py` ({datetime.date.today()}, {machine()}).\n\n"
@@ -184,6 +263,11 @@ def main() -> None:
         "brackets). Time ratio = time of the variant / time with every lever on: above 1.00x, the lever helped.\n\n"
         "| variant | tokens/s | time vs all on | padding | peak RSS MiB | RSS vs all on |\n|---|---|---|---|---|---|\n"
         + "\n".join(rows)
+        + "\n\nRollout: the engine of the rollout actor in its own process per variant (its preloads set at "
+        f"process start), 64 prompts x 4 samples x 64 tokens, {ROUNDS} interleaved rounds, medians. Ratio = "
+        "tokens/s of the variant / the defaults: above 1.00x the variant is faster.\n\n"
+        "| variant | tokens/s | vs defaults | engine start-up s |\n|---|---|---|---|\n"
+        + "\n".join(gen_rows)
         + f"\n\nSync ({n_tensors} tensors, 53 MB, into the vLLM actor through Ray, best of 5): ours (numpy buffers in "
         f"one object-store transfer, 256 MB buckets) {bucketed_s * 1e3:.0f} ms; one Ray call per tensor "
         f"{per_tensor_s * 1e3:.0f} ms (**{per_tensor_s / bucketed_s:.2f}x** slower); one transfer of pickled torch "
@@ -191,19 +275,25 @@ def main() -> None:
     )
     write_section("Which levers helped (bench/levers.py)", body)
     print(body)
-    parts = [f"{name.split(' (')[0]} {r:.2f}x" for name, r in ratios.items() if name != "all levers on"]
+    train_parts = [f"{name.split(' (')[0]} {ratios[name]:.2f}x" for name in VARIANTS if name != "all levers on"]
+    gen_parts = [f"{name} {ratios[name]:.2f}x" for name in list(ROLLOUT_VARIANTS)[1:]]
     print(
-        "time with the lever off / all on: "
-        + ", ".join(parts)
+        "training time with the lever off / all on: "
+        + ", ".join(train_parts)
+        + "; rollout tokens/s vs defaults: "
+        + ", ".join(gen_parts)
         + f"; sync per tensor {per_tensor_s / bucketed_s:.2f}x, pickled torch {pickled_s / bucketed_s:.2f}x"
     )
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variant", help="JSON of lever switches: run one training variant and print its JSON")
+    ap.add_argument("--train", help="JSON of lever switches: run one training variant and print its JSON")
+    ap.add_argument("--rollout", help="JSON of lever switches: run one rollout variant and print its JSON")
     args = ap.parse_args()
-    if args.variant is not None:
-        print(json.dumps(train_variant(**json.loads(args.variant))))
+    if args.train is not None:
+        print(json.dumps(train_variant(**json.loads(args.train))))
+    elif args.rollout is not None:
+        print(json.dumps(rollout_variant(**json.loads(args.rollout))))
     else:
         main()

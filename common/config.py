@@ -83,6 +83,13 @@ class RolloutConfig(_Section):
     # CPU engines: torch threads of each engine. Default: the node's cores / num_engines, since the
     # loop's stages run one after another (Ray would otherwise give the engine num_cpus threads).
     cpu_threads: int | None = Field(None, ge=1)
+    # false: vLLM compiles the model (torch.compile; CUDA graphs on GPU): faster decoding for a slower start
+    # (bench/levers.py: 1.16x tokens/s for +32 s start-up on the CPU bench model).
+    enforce_eager: bool = True
+    # The n samples of a prompt share its prompt's KV blocks (vLLM's automatic prefix caching).
+    enable_prefix_caching: bool = True
+    # CPU engines: LD_PRELOAD tcmalloc (Debian libtcmalloc-minimal4) when installed, as vLLM's CPU backend asks.
+    cpu_preload_tcmalloc: bool = True
 
 
 class RewardConfig(_Section):

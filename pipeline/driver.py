@@ -20,7 +20,7 @@ from pipeline.data import DataError, PromptSet, load_prompt_sets
 from pipeline.loop import Loop, Workers
 from pipeline.rundir import RunDir, RunDirError
 from workers.actor_group import TrainerGroup
-from workers.rollout import ENGINE_ENV, RolloutWorker
+from workers.rollout import RolloutWorker, engine_env
 from workers.weight_sync import resolve_backend
 
 
@@ -336,7 +336,7 @@ def start_workers(cfg: RunConfig, model_path: str) -> Workers:
     fit(cfg, cluster_nodes())  # refuse a plan that cannot fit instead of waiting forever for resources
     engines = []
     for _ in range(r.num_engines):
-        opts: dict = {"runtime_env": {"env_vars": ENGINE_ENV}}
+        opts: dict = {"runtime_env": {"env_vars": engine_env(r)}}
         if r.num_gpus > 0 and r.tensor_parallel_size > 1:
             # vLLM's Ray executor places the TP workers inside this group, all on one node.
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
