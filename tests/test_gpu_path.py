@@ -137,7 +137,7 @@ def _fp32_masters_rank(rank: int, world: int, stage: int, port: int, out: str) -
         engine.backward((engine(x).float() * engine.module.scale).sum())
         engine.step()
     trainer = SimpleNamespace(train_cfg=TrainConfig(zero_stage=stage, bf16=True), weights=w0)
-    got = TrainerWorker._gather(trainer, engine)
+    got = TrainerWorker._gather(trainer, engine, list(w0), TrainerWorker._untrained(trainer, engine.module))
     if rank == 0:
         torch.save({"w0": w0, "got": got}, out)
 

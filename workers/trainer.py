@@ -351,13 +351,15 @@ class TrainerWorker:
         )
         self.weights: StateDict = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.initial = self.weights if self.algo_cfg.reference == "initial" else None
-        self.trained_prev: StateDict = self.weights  # APO's theta_hat of the previous iteration
+        # APO's theta_hat of the previous iteration (other methods keep no second copy of the weights)
+        self.trained_prev: StateDict | None = self.weights if self.method.extrapolates else None
         return sum(v.numel() for v in self.weights.values())
 
     def set_weights(self, weights: StateDict, trained_prev: StateDict | None = None) -> None:
         """Resume: replace the current policy (and APO's previous iterate)."""
         self.weights = {k: v.clone() for k, v in weights.items()}
-        self.trained_prev = {k: v.clone() for k, v in (trained_prev or weights).items()}
+        if self.method.extrapolates:
+            self.trained_prev = {k: v.clone() for k, v in (trained_prev or weights).items()}
 
     # ------------------------------------------------------------ models
     def _model(self, weights: StateDict) -> torch.nn.Module:
@@ -402,6 +404,11 @@ class TrainerWorker:
             config=ds_config(self.train_cfg, self.world),
         )
         load_fp32_masters(engine, self.weights)  # bf16: DeepSpeed's masters would be the rounded module
+        # The engine now holds the policy: drop this rank's own copy until `_gather` makes the next one (one
+        # full copy of the weights less at the peak). A failure from here on stops the run (resume from the
+        # last checkpoint), as the driver does for any failed training call.
+        keys, kept = list(self.weights), self._untrained(model)
+        self.weights = {}
         tick = progress if progress is not None and self.rank == 0 else Ticker()
         widths = [len(g.prompt_ids) + max(map(len, g.responses)) for g in shard]
         mb = self.train_cfg.micro_batch_size
@@ -427,7 +434,7 @@ class TrainerWorker:
                 for key, val in item_stats.items():
                     stats.setdefault(key, []).extend(val.float().cpu().tolist())
         tick.flush()
-        self.weights = self._gather(engine)
+        self.weights = self._gather(engine, keys, kept)
         release(engine)
         del engine, model
         out = {"steps": len(losses), "trained_pairs": len(shard), "loss": statistics.fmean(losses)}
@@ -459,18 +466,30 @@ class TrainerWorker:
             del ref_model
         return ref_logps, ref_logps.numel() - len(missing)
 
-    def _gather(self, engine) -> StateDict:
+    def _untrained(self, model: torch.nn.Module) -> StateDict:
+        """What training leaves as it is, in its fp32 original: frozen parameters and buffers (under bf16 the
+        module holds only a rounded copy of them)."""
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        frozen |= {name for name, _ in model.named_buffers()}
+        return {name: self.weights[name] for name in frozen if name in self.weights}
+
+    def _gather(self, engine, keys: list[str], kept: StateDict) -> StateDict:
         """Full fp32 weights on CPU, on every rank: the optimizer's fp32 masters (under bf16 the module holds
-        only their bf16 rounding), assembled from every rank's fragment (a collective: all ranks run it)."""
+        only their bf16 rounding), assembled from every rank's fragment (a collective: all ranks run it).
+        `keys`: the state dict's names in order; `kept`: `_untrained`'s tensors. Adam's moments are freed
+        first (the iteration is over), so the new copy takes their place at the memory peak."""
         from deepspeed.utils import safe_get_full_fp32_param
 
+        base = getattr(engine.optimizer, "optimizer", None)
+        if base is not None and hasattr(base, "state"):
+            base.state.clear()
         module = engine.module
         masters = self.train_cfg.bf16  # in fp32 the module's parameters are the masters (no extra collective)
         out: StateDict = {}
         for name, param in module.named_parameters():
             full = safe_get_full_fp32_param(param) if masters and param.requires_grad else None
-            if full is None and not param.requires_grad and name in self.weights:
-                out[name] = self.weights[name]  # frozen: unchanged, and still fp32
+            if full is None and not param.requires_grad and name in kept:
+                out[name] = kept[name]  # frozen: unchanged, and still fp32
             elif full is None:  # no master copy (not an optimizer parameter): the module's own values
                 if hasattr(param, "ds_id"):
                     from deepspeed.runtime.zero import GatheredParameters
@@ -482,15 +501,15 @@ class TrainerWorker:
             else:
                 out[name] = full.detach().float().cpu().clone()
         for name, buf in module.named_buffers():
-            old = self.weights.get(name)
+            old = kept.get(name)
             # buffers are not trained; under bf16 the module holds a rounded copy of the fp32 original
             out[name] = old if old is not None and old.dtype != buf.dtype else buf.detach().cpu().clone()
         # Tied embeddings share storage: keep the names the checkpoint format expects.
-        for key in self.weights:
+        for key in keys:
             if key not in out:
                 src = "model.embed_tokens.weight" if key == "lm_head.weight" else key
                 out[key] = out[src]
-        return {k: out[k] for k in self.weights}
+        return {k: out[k] for k in keys}
 
     def extrapolate(self, alpha: float) -> float:
         """APO: theta <- theta_hat + alpha * (theta_hat - theta_hat_prev); returns the step's L2 norm.
