@@ -42,6 +42,7 @@ from benchkit import best_of, machine, start_engine, write_section
 from throughput import bench_model, make_pairs
 
 N_PAIRS, MICRO_BATCH, EPOCHS, ROUNDS = 64, 8, 2, 3
+ROLLOUT_ROUNDS = 2  # each compiled engine start takes ~35 s: two rounds keep `make bench` under 25 minutes
 RESPONSE_CHARS = (4, 120)  # a wide length spread, as in real preference data
 VARIANTS = {
     "all levers on": {},
@@ -242,7 +243,7 @@ def main() -> None:
             f"{median(name, 'peak_rss_mb') / base_rss:.2f}x |"
         )
     gen: dict[str, list[dict]] = {name: [] for name in ROLLOUT_VARIANTS}
-    for _ in range(ROUNDS):
+    for _ in range(ROLLOUT_ROUNDS):
         for name, levers in ROLLOUT_VARIANTS.items():
             gen[name].append(run_variant(dict(levers), kind="rollout"))
     gen_base = statistics.median(r["tokens_per_s"] for r in gen["defaults (tcmalloc, eager, prefix caching)"])
@@ -264,7 +265,7 @@ def main() -> None:
         "| variant | tokens/s | time vs all on | padding | peak RSS MiB | RSS vs all on |\n|---|---|---|---|---|---|\n"
         + "\n".join(rows)
         + "\n\nRollout: the engine of the rollout actor in its own process per variant (its preloads set at "
-        f"process start), 64 prompts x 4 samples x 64 tokens, {ROUNDS} interleaved rounds, medians. Ratio = "
+        f"process start), 64 prompts x 4 samples x 64 tokens, {ROLLOUT_ROUNDS} interleaved rounds, medians. Ratio = "
         "tokens/s of the variant / the defaults: above 1.00x the variant is faster.\n\n"
         "| variant | tokens/s | vs defaults | engine start-up s |\n|---|---|---|---|\n"
         + "\n".join(gen_rows)
