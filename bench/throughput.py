@@ -143,16 +143,20 @@ def main() -> None:
         group = TrainerGroup(2, 0.5, 0, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
         cfg = {**train_cfg, "reference_logps": reference_logps}
         ray.get(group.call("setup", path, cfg, {"name": "dpo", "beta": 0.1}, 0))
-        batch = groups
+        warm_up, timed = groups, groups
         if reference_logps == "rollout":
             # what the engine returns with every sample: log-probs of the policy that sampled (this one)
             lps = ray.get(group.call_rank0("sequence_logprobs", *flatten(groups)))
-            batch = [
-                dataclasses.replace(g, sample_logps=lps[2 * i : 2 * i + 2], sampled_at=[2, 2])  # the timed iteration
-                for i, g in enumerate(groups)
-            ]
-        batch_ref = ray.put(PreferenceBatch(batch))
-        ray.get(group.call("train", batch_ref, 1))  # warm-up: iteration 1 (forward reference either way)
+
+            def sampled(iteration: int) -> list[PreferenceGroup]:
+                return [
+                    dataclasses.replace(g, sample_logps=lps[2 * i : 2 * i + 2], sampled_at=[iteration] * 2)
+                    for i, g in enumerate(groups)
+                ]
+
+            warm_up, timed = sampled(1), sampled(2)
+        ray.get(group.call("train", ray.put(PreferenceBatch(warm_up)), 1))  # DeepSpeed op builds, allocator
+        batch_ref = ray.put(PreferenceBatch(timed))
         t = time.perf_counter()
         ray.get(group.call("train", batch_ref, 2))
         secs = time.perf_counter() - t

@@ -178,8 +178,8 @@ class TrainConfig(_Section):
     bf16: bool = False
     # Reference log-probs of responses that the reference policy itself sampled (reference = previous
     # iterate, samples of this iteration): "rollout" takes the engine's own sampled-token log-probs (no
-    # reference forward pass for them); "forward" recomputes every one; "auto" is "rollout" when the engine
-    # and the trainer both run fp32 (they agree to ~1e-5) and "forward" otherwise (bf16 log-probs differ).
+    # reference forward pass for them); "forward" recomputes every one; "auto" is "rollout" where the two were
+    # verified to agree (~1e-5: fp32 engine and trainer on CPU) and "forward" elsewhere (bf16, GPU kernels).
     reference_logps: Literal["auto", "rollout", "forward"] = "auto"
     gradient_checkpointing: bool = False
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
@@ -223,12 +223,17 @@ class RunConfig(_Section):
     sync: SyncConfig = SyncConfig()
     eval: EvalConfig = EvalConfig()
 
+    def resolved_reference_logps(self) -> Literal["rollout", "forward"]:
+        """`train.reference_logps` with "auto" resolved (what the trainers are given; the config keeps "auto")."""
+        t = self.train
+        if t.reference_logps != "auto":
+            return t.reference_logps
+        verified = self.model.dtype == "float32" and not t.bf16 and self.rollout.num_gpus == 0 and t.num_gpus == 0
+        return "rollout" if verified else "forward"
+
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         a, r = self.algorithm, self.rollout
-        if self.train.reference_logps == "auto":
-            fp32 = self.model.dtype == "float32" and not self.train.bf16
-            self.train.reference_logps = "rollout" if fp32 else "forward"
         method = METHODS.get(a.name)
         if method is None:
             close = difflib.get_close_matches(a.name, list(METHODS), n=1)

@@ -36,6 +36,11 @@ RESUMABLE = (
     "output_dir",
     "reward.timeout_s",
     "reward.retries",
+    # speed only: the same computation, faster or slower
+    "rollout.cpu_preload_tcmalloc",
+    "rollout.enforce_eager",
+    "rollout.enable_prefix_caching",
+    "train.reference_logps",
 )
 NOT_RECORDED = ("resume",)  # differs on every resume: not worth a config_changes.jsonl row
 
@@ -197,9 +202,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def compare_configs(saved: dict, cfg: RunConfig) -> tuple[dict, dict]:
     """(refused, allowed): the settings of `cfg` that differ from the run's saved config, key -> (old, new).
     A key the saved config predates is compared with its default (what that run used)."""
-    from common.config import RunConfig
+    from common.config import RENAMED, RunConfig
 
     old = _flat(saved)
+    for (section, key), new in RENAMED.items():  # a run saved before a rename: compare under the new name
+        if f"{section}.{key}" in old:
+            old.setdefault(f"{section}.{new}", old.pop(f"{section}.{key}"))
     defaults = _flat(RunConfig().model_dump(mode="json"))
     refused, allowed = {}, {}
     for key, value in _flat(cfg.model_dump(mode="json")).items():

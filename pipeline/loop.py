@@ -96,7 +96,7 @@ class Loop:
             self.workers.trainers.call(
                 "setup",
                 self.model_path,
-                cfg.train,
+                cfg.train.model_copy(update={"reference_logps": cfg.resolved_reference_logps()}),
                 cfg.algorithm,
                 cfg.seed,
                 cfg.model.trust_remote_code,

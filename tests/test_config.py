@@ -88,3 +88,31 @@ def test_wdpo_knobs_carry_the_method_prefix():
     for old in ("beta2", "weight_fn", "normalize_weights"):
         with pytest.raises(ConfigError, match=f"'algorithm.{old}' was renamed 'algorithm.wdpo_{old}'"):
             load_config(None, ["algorithm.name=wdpo", f"algorithm.{old}=1"])
+
+
+def _old_run_config(tmp_path, *overrides: str) -> dict:
+    """A run directory's config.yaml as this release's predecessor wrote it: no train.reference_logps, and
+    wDPO's knobs under their old names."""
+    saved = load_config("configs/cpu-wdpo.yaml", [f"output_dir={tmp_path}", *overrides]).model_dump(mode="json")
+    del saved["train"]["reference_logps"]
+    for old in ("beta2", "weight_fn", "normalize_weights"):
+        saved["algorithm"][old] = saved["algorithm"].pop(f"wdpo_{old}")
+    return saved
+
+
+def test_a_run_made_before_the_new_settings_still_resumes(tmp_path):
+    from pipeline.checkpoint import compare_configs
+
+    for extra in ([], ["train.bf16=true"], ["model.dtype=bfloat16"], ["algorithm.wdpo_beta2=2.0"]):
+        saved = _old_run_config(tmp_path, *extra)
+        refused, _ = compare_configs(saved, load_config("configs/cpu-wdpo.yaml", [f"output_dir={tmp_path}", *extra]))
+        assert refused == {}, extra
+
+
+def test_reference_logps_auto_stays_auto_in_the_saved_config():
+    cfg = load_config(None, [])
+    assert cfg.train.reference_logps == "auto" and cfg.model_dump()["train"]["reference_logps"] == "auto"
+    assert cfg.resolved_reference_logps() == "rollout"  # fp32 engine and trainer on CPU
+    for bf16 in (["train.bf16=true"], ["model.dtype=bfloat16"], ["rollout.num_gpus=1"]):
+        assert load_config(None, bf16).resolved_reference_logps() == "forward", bf16
+    assert load_config(None, ["train.reference_logps=forward"]).resolved_reference_logps() == "forward"
