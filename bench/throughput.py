@@ -183,7 +183,7 @@ def main() -> None:
 
     # ---------------- P3: weight sync vs in-process copy
     engine = start_engine(path)
-    weights = ray.get(group.call_rank0("get_weights"))
+    weights = ray.get(group.call_rank0("sync_weights"))  # what a sync sends (a tied LM head once)
     nbytes = sum(v.numel() * v.element_size() for v in weights.values())
     sync_s = best_of(lambda: ray.get(sync_weights(group, [engine], SyncConfig())))
     clone_s = best_of(lambda: {k: v.clone() for k, v in weights.items()})
