@@ -194,9 +194,12 @@ def sync_lever() -> tuple[float, float, float, int]:
     from transformers import AutoModelForCausalLM
 
     from workers.cpu_transfer import to_wire
+    from workers.trainer import sync_state_dict
 
     path = bench_model("bench")[0]
-    weights = {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+    model = AutoModelForCausalLM.from_pretrained(path)
+    # what a sync sends: a tied LM head once, under the embedding's name (vLLM rejects it on its own)
+    weights = sync_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()}, model.config)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1 << 30)
     engine = start_engine(path)
 

@@ -38,8 +38,9 @@ TCMALLOC_PATHS = (
 def engine_env(rc: RolloutConfig) -> dict[str, str]:
     """The engine actor's environment: ENGINE_ENV, plus, for a CPU engine, tcmalloc in LD_PRELOAD when it is
     installed (vLLM's CPU backend warns at every start without it; a preload must be in the environment the
-    process starts with, hence here). Intel OpenMP, which vLLM also suggests, is left out: it slowed the
-    bench model's rollout to 0.6-0.75x in bench/levers.py."""
+    process starts with, hence here). Intel OpenMP, which vLLM also suggests, is left out: bench/levers.py
+    measured no consistent gain from it (1.03x in one run, 0.6-0.75x in runs beside other jobs), and it
+    puts a second OpenMP runtime beside torch's in the process."""
     env = dict(ENGINE_ENV)
     if rc.num_gpus == 0 and rc.cpu_preload_tcmalloc:
         found = [p for p in TCMALLOC_PATHS if os.path.isfile(p)]
