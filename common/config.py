@@ -84,7 +84,7 @@ class RolloutConfig(_Section):
     # loop's stages run one after another (Ray would otherwise give the engine num_cpus threads).
     cpu_threads: int | None = Field(None, ge=1)
     # false: vLLM compiles the model (torch.compile; CUDA graphs on GPU): faster decoding for a slower start
-    # (bench/levers.py: 1.16x tokens/s for +32 s start-up on the CPU bench model).
+    # (bench/levers.py, CPU bench model: 1.12x tokens/s, engine start-up 4.8 s -> 16.5 s).
     enforce_eager: bool = True
     # The n samples of a prompt share its prompt's KV blocks (vLLM's automatic prefix caching).
     enable_prefix_caching: bool = True
