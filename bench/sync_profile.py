@@ -17,20 +17,9 @@ import cProfile
 import datetime
 import os
 import pstats
-import time
 
-from benchkit import machine, write_section
+from benchkit import best_of, machine, write_section
 from throughput import bench_model
-
-
-def best(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def cumulative(stats: pstats.Stats, suffix: str) -> float:
@@ -58,12 +47,12 @@ def main() -> None:
         weights.pop("lm_head.weight", None)  # sent once, as the pipeline does
     nbytes = sum(v.numel() * v.element_size() for v in weights.values())
     dst = {k: torch.empty_like(v) for k, v in weights.items()}
-    copy_s = best(lambda: [dst[k].copy_(v) for k, v in weights.items()])
+    copy_s = best_of(lambda: [dst[k].copy_(v) for k, v in weights.items()])
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=2 << 30)
-    put_s = best(lambda: ray.put(to_wire(weights)))
+    put_s = best_of(lambda: ray.put(to_wire(weights)))
     engine = RolloutWorker(path, RolloutConfig(kv_cache_mb=256, max_model_len=512))
     wire = to_wire(weights)
-    load_s = best(lambda: engine.load_weights(wire))
+    load_s = best_of(lambda: engine.load_weights(wire))
     prof = cProfile.Profile()
     prof.enable()
     engine.load_weights(wire)
