@@ -54,6 +54,7 @@ bench-real: setup
 	$(PY) bench/real.py
 	$(PY) bench/throughput.py --model smollm2
 	$(PY) bench/sync_profile.py --model smollm2
+	$(PY) bench/memory_profile.py --model smollm2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -9,7 +9,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["throughput.py", "sync_profile.py", "levers.py", "methods.py", "orchestration.py", "optune.py"]
+SCRIPTS = [
+    "throughput.py",
+    "sync_profile.py",
+    "memory_profile.py",
+    "levers.py",
+    "methods.py",
+    "orchestration.py",
+    "optune.py",
+]
 
 
 def main() -> int:
