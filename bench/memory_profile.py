@@ -12,13 +12,12 @@ the table shows each phase's peak and what it adds over the memory before the mo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import threading
 import time
 
 from benchkit import machine, write_section
-from throughput import BATCH, N_PAIRS, bench_model, make_pairs
+from throughput import BATCH, N_PAIRS, bench_model, make_pairs, pair_groups, with_sampled_logps
 
 
 def rss_mb() -> float:
@@ -80,23 +79,14 @@ def main() -> None:
     from deepspeed.runtime.engine import DeepSpeedEngine
     from transformers import AutoTokenizer
 
-    from common.records import PreferenceBatch, PreferenceGroup
+    from common.records import PreferenceBatch
     from workers import trainer as trainer_module
     from workers.trainer import TrainerWorker, flatten, free_port
 
     torch.set_num_threads(2)
     path, described, _ = bench_model(args.model)
     tok = AutoTokenizer.from_pretrained(path)
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    groups = [
-        PreferenceGroup(
-            i,
-            enc(r["prompt"]),
-            [enc(r["chosen"]) + [tok.eos_token_id], enc(r["rejected"]) + [tok.eos_token_id]],
-            [1.0, 0.0],
-        )
-        for i, r in enumerate(make_pairs(tok, N_PAIRS))
-    ]
+    groups = pair_groups(tok, make_pairs(tok, N_PAIRS))
     sampler = PhaseSampler()
     start = rss_mb()
     worker = TrainerWorker(0, 1)
@@ -107,9 +97,7 @@ def main() -> None:
     tied = getattr(worker.hf_config, "tie_word_embeddings", False)  # a tied LM head is the embedding: count once
     params = sum(v.numel() for k, v in worker.weights.items() if not (tied and k == "lm_head.weight"))
     lps = worker.sequence_logprobs(*flatten(groups))  # what the engine returns with each sample
-    groups = [
-        dataclasses.replace(g, sample_logps=lps[2 * i : 2 * i + 2], sampled_at=[1, 1]) for i, g in enumerate(groups)
-    ]
+    groups = with_sampled_logps(groups, lps, 1)
     sampler.enter("between iterations (policy held as a CPU state dict)")
     sampler.wrap(deepspeed, "initialize", "DeepSpeed engine set-up", after="after set-up")
     sampler.wrap(trainer_module, "loss_inputs", "forward (policy log-probs, logits)", after="loss")

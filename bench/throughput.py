@@ -63,6 +63,31 @@ def make_pairs(tok, n: int, seed: int = 0, response_chars: tuple[int, int] = (20
     return rows
 
 
+def pair_groups(tok, rows: list[dict]):
+    """`make_pairs` rows as the trainer's PreferenceGroups (responses end with EOS; chosen first)."""
+    from common.records import PreferenceGroup
+
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return [
+        PreferenceGroup(
+            i,
+            enc(r["prompt"]),
+            [enc(r["chosen"]) + [tok.eos_token_id], enc(r["rejected"]) + [tok.eos_token_id]],
+            [1.0, 0.0],
+        )
+        for i, r in enumerate(rows)
+    ]
+
+
+def with_sampled_logps(groups: list, logps: list[float], iteration: int) -> list:
+    """The groups as the rollout of `iteration` hands them over: each response with its sampled log-prob
+    (`logps`: flattened, two per group), so the trainer takes its reference log-probs from them."""
+    return [
+        dataclasses.replace(g, sample_logps=logps[2 * i : 2 * i + 2], sampled_at=[iteration] * 2)
+        for i, g in enumerate(groups)
+    ]
+
+
 TRL_SCRIPT = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads(2)
@@ -107,7 +132,7 @@ def main() -> None:
     import torch
 
     from common.config import SyncConfig
-    from common.records import PreferenceBatch, PreferenceGroup
+    from common.records import PreferenceBatch
     from workers.actor_group import TrainerGroup
     from workers.trainer import flatten
     from workers.weight_sync import sync_weights
@@ -122,16 +147,7 @@ def main() -> None:
 
     # ---------------- P1 / P6 baseline: TRL in its own process (before Ray takes the cores)
     trl = run_trl(path, rows)
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    groups = [
-        PreferenceGroup(
-            i,
-            enc(r["prompt"]),
-            [enc(r["chosen"]) + [tok.eos_token_id], enc(r["rejected"]) + [tok.eos_token_id]],
-            [1.0, 0.0],
-        )
-        for i, r in enumerate(rows)
-    ]
+    groups = pair_groups(tok, rows)
     tokens = EPOCHS * sum(2 * len(g.prompt_ids) + len(g.responses[0]) + len(g.responses[1]) for g in groups)
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1 << 30)
@@ -147,14 +163,7 @@ def main() -> None:
         if reference_logps == "rollout":
             # what the engine returns with every sample: log-probs of the policy that sampled (this one)
             lps = ray.get(group.call_rank0("sequence_logprobs", *flatten(groups)))
-
-            def sampled(iteration: int) -> list[PreferenceGroup]:
-                return [
-                    dataclasses.replace(g, sample_logps=lps[2 * i : 2 * i + 2], sampled_at=[iteration] * 2)
-                    for i, g in enumerate(groups)
-                ]
-
-            warm_up, timed = sampled(1), sampled(2)
+            warm_up, timed = with_sampled_logps(groups, lps, 1), with_sampled_logps(groups, lps, 2)
         ray.get(group.call("train", ray.put(PreferenceBatch(warm_up)), 1))  # DeepSpeed op builds, allocator
         batch_ref = ray.put(PreferenceBatch(timed))
         t = time.perf_counter()
@@ -199,7 +208,7 @@ def main() -> None:
     group.kill()
 
     # ---------------- P5: vLLM actor vs HF generate
-    prompts = [enc(r["prompt"]) for r in rows[:64]]
+    prompts = [g.prompt_ids for g in groups[:64]]
     n, max_new = 4, 64
     ray.get(engine.generate.remote(prompts[:4], [0, 1, 2, 3], n, 1.0, 1.0, max_new, 0, 0))  # warm-up
     t = time.perf_counter()
