@@ -11,7 +11,10 @@ that each peak RSS is its own; the variants use the trainer's own code: `sequenc
                iteration by a reference forward (no-grad, length-sorted, model dropped before training);
 - ref_precompute: that once-per-iteration reference forward vs a resident reference model run at every
                micro-batch (this variant also has the rollout lever off);
-- group_by_length: micro-batches cut from length-sorted windows vs uniformly random micro-batches.
+- group_by_length: micro-batches cut from length-sorted windows vs uniformly random micro-batches;
+- response_logits: logits (LM head, log-softmax and their gradients) only from the first response column
+               on (`logits_to_keep`) vs every column, the prompt's included (the path for a model whose
+               forward has no `logits_to_keep`).
 Rollout levers (the vLLM engine of the rollout actor, in its own process per variant, as P5 measures it:
 64 prompts x 4 samples x 64 tokens on the bench model):
 - tcmalloc:    LD_PRELOAD tcmalloc (rollout.cpu_preload_tcmalloc, on by default when installed) vs glibc malloc;
@@ -50,12 +53,26 @@ VARIANTS = {
     "ref_from_rollout off (reference forward per iteration)": {"reference": "precompute"},
     "ref_precompute off too (resident reference)": {"reference": "resident"},
     "group_by_length off (random micro-batches)": {"group_by_length": False},
+    "response_logits off (logits of every column)": {"response_logits": False},
 }
 
 
-def train_variant(concat: bool = True, reference: str = "rollout", group_by_length: bool = True) -> dict:
+def train_variant(
+    concat: bool = True, reference: str = "rollout", group_by_length: bool = True, response_logits: bool = True
+) -> dict:
     """One DPO iteration (EPOCHS epochs) over the bench pairs with the given levers; tokens/s and peak RSS."""
     import torch
+
+    class EveryColumnLogits(torch.nn.Module):
+        """The policy with `logits_to_keep` hidden from `sequence_logprobs`, so it computes every column's logits."""
+
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, **kwargs):
+            return self.model(**kwargs)
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from common.config import AlgorithmConfig
@@ -75,6 +92,7 @@ def train_variant(concat: bool = True, reference: str = "rollout", group_by_leng
     pad = tok.pad_token_id
     cfg = AlgorithmConfig(name="dpo", beta=0.1)
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    trained = policy if response_logits else EveryColumnLogits(policy)
     ref_all = None
     if reference == "rollout":  # the engine's sampled log-probs of the policy, before training (not timed)
         lp, _ = batched_sequence_logprobs(policy.eval(), prompts + prompts, chosen + rejected, pad)
@@ -95,13 +113,13 @@ def train_variant(concat: bool = True, reference: str = "rollout", group_by_leng
             p = [prompts[i] for i in idx]
             c, r = [chosen[i] for i in idx], [rejected[i] for i in idx]
             if concat:
-                lp, ln = sequence_logprobs(policy, p + p, c + r, pad)
+                lp, ln = sequence_logprobs(trained, p + p, c + r, pad)
                 logps, lengths = (
                     torch.stack([lp[: len(idx)], lp[len(idx) :]], 1),
                     torch.stack([ln[: len(idx)], ln[len(idx) :]], 1),
                 )
             else:
-                (lc, nc), (lr, nr) = sequence_logprobs(policy, p, c, pad), sequence_logprobs(policy, p, r, pad)
+                (lc, nc), (lr, nr) = sequence_logprobs(trained, p, c, pad), sequence_logprobs(trained, p, r, pad)
                 logps, lengths = torch.stack([lc, lr], 1), torch.stack([nc, nr], 1)
             if ref_all is not None:
                 ref = ref_all[idx]
