@@ -42,27 +42,30 @@ def test_matches_unpadded_forward_and_ignores_prompt_and_padding(model_and_tok):
     assert blp.tolist() == pytest.approx(expect, abs=1e-4) and blens.tolist() == lens.tolist()
 
 
-def test_pack_aligns_responses_and_marks_only_response_targets():
-    b = pack([[1, 2, 3], [4]], [[7, 8], [9, 9, 9]], pad_id=0)
-    assert b.ids.tolist() == [[1, 2, 3, 7, 8, 0], [0, 0, 4, 9, 9, 9]]
-    assert b.attn.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
-    assert b.positions.tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 0, 1, 2, 3]]  # real tokens count from 0
+def test_pack_marks_only_response_targets_from_the_shortest_prompt_on():
+    b = pack([[1, 2, 3], [4, 5]], [[7, 8], [9, 9, 9]], pad_id=0)
+    assert b.ids.tolist() == [[1, 2, 3, 7, 8], [4, 5, 9, 9, 9]]
+    assert b.attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    b = pack([[1, 2, 3], [4]], [[7, 8], [9]], pad_id=0)
+    assert b.ids.tolist() == [[1, 2, 3, 7, 8], [4, 9, 0, 0, 0]]
+    assert b.attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     # the logits at column start + t predict ids[:, start + 1 + t]; target says whether that is a response token
-    assert b.start == 2
-    assert b.target.tolist() == [[True, True, False], [True, True, True]]
+    assert b.start == 0
+    assert b.target.tolist() == [[False, False, True, True], [True, False, False, False]]
+    assert pack([[1, 2, 3], [4, 5, 6, 7]], [[7], [8]], pad_id=0).start == 2
 
 
-def test_lm_head_sees_only_response_columns(model_and_tok):
-    """The prompt's logits are never computed: the LM head gets (rows, longest response + 1) positions."""
+def test_lm_head_sees_only_columns_from_the_first_response_on(model_and_tok):
+    """The logits of the prompt columns before the earliest response are never computed."""
     model, tok = model_and_tok
     seen = []
     hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[:2])))
     try:
         with torch.no_grad():
-            sequence_logprobs(model, [[5] * 30, [6] * 12], [[7, 8, 9], [10]], tok.pad_token_id)
+            sequence_logprobs(model, [[5] * 30, [6] * 28], [[7, 8, 9], [10]], tok.pad_token_id)
     finally:
         hook.remove()
-    assert seen == [(2, 4)]
+    assert seen == [(2, 33 - 27)]  # columns 27 (the shorter prompt's last) .. 32
 
 
 @pytest.mark.parametrize("grouped", [True, False])

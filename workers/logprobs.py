@@ -1,10 +1,10 @@
 """Summed response log-probs of a causal LM: the quantity every loss is built from.
 
-Only response tokens count: the prompt (with its chat template) and the padding never do. Each row is laid
-out as `[left padding, prompt, response, right padding]`, so every response starts at the same column and
-the model computes logits only from there on (`logits_to_keep`): no LM head, log-softmax or their
-gradients for prompt tokens, whose logits no loss uses. Position ids count real tokens only, so the left
-padding changes nothing the model computes. An empty response gives log-prob 0 and length 0.
+Only response tokens count: the prompt (with its chat template) and the padding never do. Sequences
+are right-padded, and the model computes logits only from the column of the earliest response on
+(`logits_to_keep`): no LM head, log-softmax or their gradients for the prompt columns before it, whose
+logits no loss reads (with a chat template, most of a row). An empty response gives log-prob 0 and
+length 0.
 """
 
 from __future__ import annotations
@@ -14,42 +14,35 @@ from dataclasses import dataclass
 
 import torch
 
-from common.batching import length_sorted_batches
+from common.batching import length_sorted_batches, right_pad
 
 
 @dataclass
 class Packed:
-    """A batch of (prompt, response) rows with the responses aligned at one column.
+    """Right-padded rows of prompt + response, and which next-token predictions score a response token.
 
-    `target[i, t]` says whether `ids[i, start + 1 + t]` is a response token, i.e. whether the logits at
-    column `start + t` score one: the next-token predictions from column `start` (the last prompt column)
-    to the second-to-last column."""
+    The logits at column `start + t` predict `ids[:, start + 1 + t]`; `target[i, t]` says whether that token
+    is one of row i's response tokens. `start` is the last prompt column of the shortest prompt: no
+    response token is predicted before it."""
 
     ids: torch.Tensor
     attn: torch.Tensor
-    positions: torch.Tensor
     target: torch.Tensor
     start: int
 
     def to(self, device: torch.device) -> Packed:
-        return Packed(
-            self.ids.to(device), self.attn.to(device), self.positions.to(device), self.target.to(device), self.start
-        )
+        return Packed(self.ids.to(device), self.attn.to(device), self.target.to(device), self.start)
 
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Packed:
-    """Prompts left-padded and responses right-padded, so all responses start at column `max prompt length`."""
-    width_p = max(len(p) for p in prompts)
-    width_r = max(len(r) for r in responses)
-    ids = torch.full((len(prompts), width_p + width_r), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    target = torch.zeros((len(prompts), width_r), dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        ids[i, width_p - len(p) : width_p + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        attn[i, width_p - len(p) : width_p + len(r)] = 1
-        target[i, : len(r)] = True
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)
-    return Packed(ids, attn, positions, target, width_p - 1)
+    """The rows right-padded to the longest prompt + response (no more padding than that)."""
+    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+    ids, attn = right_pad(seqs, pad_id)
+    start = min(len(p) for p in prompts) - 1
+    target = torch.zeros((len(seqs), ids.shape[1] - 1 - start), dtype=torch.bool)
+    for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
+        target[i, len(p) - 1 - start : len(s) - 1 - start] = True
+    return Packed(ids, attn, target, start)
 
 
 def _keeps_logits(model: torch.nn.Module) -> bool:
@@ -71,10 +64,9 @@ def sequence_logprobs(
     """
     device = next(model.parameters()).device
     b = pack(prompts, responses, pad_id).to(device)
-    kwargs = {"input_ids": b.ids, "attention_mask": b.attn, "position_ids": b.positions, "use_cache": False}
-    kept = b.ids.shape[1] - b.start  # columns start .. end
+    kwargs = {"input_ids": b.ids, "attention_mask": b.attn, "use_cache": False}
     if _keeps_logits(model):
-        logits = model(**kwargs, logits_to_keep=kept).logits
+        logits = model(**kwargs, logits_to_keep=b.ids.shape[1] - b.start).logits  # columns start .. end
     else:
         logits = model(**kwargs).logits[:, b.start :]
     logits = logits[:, :-1].float()  # the last column predicts past the end
