@@ -113,6 +113,18 @@ def rollout_reference(groups: list[PreferenceGroup], iteration: int) -> tuple[to
     return known, missing
 
 
+def clone_weights(weights: StateDict) -> StateDict:
+    """A detached copy of `weights` in which tensors that share storage (tied embeddings) stay one tensor."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out: StateDict = {}
+    for name, w in weights.items():
+        key = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()))
+        if key not in copies:
+            copies[key] = w.detach().clone()
+        out[name] = copies[key]
+    return out
+
+
 def apo_extrapolate(trained: StateDict, trained_prev: StateDict, alpha: float) -> tuple[StateDict, float]:
     """APO's Nesterov step (arXiv 2410.06293): theta = theta_hat + alpha (theta_hat - theta_hat_prev).
 
@@ -349,7 +361,9 @@ class TrainerWorker:
         model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
         )
-        self.weights: StateDict = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # the loaded tensors themselves (the module is dropped): no second copy, and tied weights stay one tensor
+        self.weights: StateDict = {k: v.detach() for k, v in model.state_dict().items()}
+        del model
         self.initial = self.weights if self.algo_cfg.reference == "initial" else None
         # APO's theta_hat of the previous iteration (other methods keep no second copy of the weights)
         self.trained_prev: StateDict | None = self.weights if self.method.extrapolates else None
@@ -357,18 +371,28 @@ class TrainerWorker:
 
     def set_weights(self, weights: StateDict, trained_prev: StateDict | None = None) -> None:
         """Resume: replace the current policy (and APO's previous iterate)."""
-        self.weights = {k: v.clone() for k, v in weights.items()}
+        self.weights = clone_weights(weights)
         if self.method.extrapolates:
-            self.trained_prev = {k: v.clone() for k, v in (trained_prev or weights).items()}
+            self.trained_prev = clone_weights(trained_prev or weights)
 
     # ------------------------------------------------------------ models
     def _model(self, weights: StateDict) -> torch.nn.Module:
+        """An HF module over `weights`' own tensors: built on the meta device (no random initialisation, no
+        second copy of the weights), then the tensors assigned and the tied head re-tied. It never writes
+        them: `train` hands the module to DeepSpeed, which copies the parameters into its own flat buffers
+        (ZeRO-2) or partitions (ZeRO-3) before any update; bf16 and a GPU make their own copies."""
+        from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_config(
-            self.hf_config, dtype=torch.float32, trust_remote_code=self.trust_remote_code
-        )
-        model.load_state_dict(weights, strict=False)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(
+                self.hf_config, dtype=torch.float32, trust_remote_code=self.trust_remote_code
+            )
+        model.load_state_dict(weights, strict=False, assign=True)
+        model.tie_weights()
+        empty = [name for name, p in model.named_parameters() if p.is_meta]
+        if empty:
+            raise ValueError(f"the policy's weights lack {empty[:5]}: not a checkpoint of {self.model_path}")
         if self.train_cfg.bf16:
             model = model.to(torch.bfloat16)
         return model.to(self.device)
@@ -591,7 +615,8 @@ class TrainerWorker:
             use_safetensors=True,
             trust_remote_code=self.trust_remote_code,
         )
-        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        weights = {k: v.detach() for k, v in model.state_dict().items()}
+        del model
         prev = os.path.join(path, "apo_prev.safetensors")
         if os.path.exists(prev):
             from safetensors.torch import load_file

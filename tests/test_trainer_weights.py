@@ -1,0 +1,86 @@
+"""The trainer's copies of the policy: how many it holds, and that training never writes the ones it keeps."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def trainer(model_path):
+    from workers.trainer import TrainerWorker
+
+    t = TrainerWorker(0, 1)
+    t.setup(model_path, {}, {"name": "dpo"}, seed=0)
+    return t
+
+
+def test_setup_holds_a_tied_head_as_the_embedding_itself(trainer):
+    """One tensor under both names, as HF ties them (a separate clone was a sixth of SmolLM2's weights)."""
+    assert trainer.hf_config.tie_word_embeddings
+    w = trainer.get_weights()
+    assert w["lm_head.weight"].data_ptr() == w["model.embed_tokens.weight"].data_ptr()
+
+
+def test_set_weights_copies_once_and_keeps_the_tie(trainer):
+    from workers.trainer import clone_weights
+
+    w = trainer.get_weights()
+    copy = clone_weights(w)
+    assert copy["lm_head.weight"] is copy["model.embed_tokens.weight"]
+    assert copy["model.norm.weight"].data_ptr() != w["model.norm.weight"].data_ptr()
+    assert all(torch.equal(copy[k], w[k]) for k in w)
+
+
+def test_model_is_built_over_the_weights_without_a_copy(trainer, model_path):
+    """No random initialisation and no second copy: the module's parameters are the held tensors, and it
+    computes what the checkpoint computes."""
+    from transformers import AutoModelForCausalLM
+
+    w = trainer.get_weights()
+    model = trainer._model(w)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        assert p.data_ptr() == w[name].data_ptr(), name
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    expect = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)(input_ids=ids).logits
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expect.detach())
+
+
+def _train_rank(rank: int, model_path: str, stage: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    from common.records import PreferenceBatch, PreferenceGroup
+    from workers.trainer import TrainerWorker
+
+    t = TrainerWorker(0, 1)
+    t.connect("127.0.0.1", port)
+    t.setup(
+        model_path, {"zero_stage": stage, "micro_batch_size": 2, "lr": 1e-2}, {"name": "dpo", "reference": "initial"}, 0
+    )
+    before = {k: v.clone() for k, v in t.weights.items()}
+    groups = [PreferenceGroup(i, [5, 6, 7 + i], [[8, 9, 10], [11, 12]], [1.0, 0.0]) for i in range(4)]
+    t.train(PreferenceBatch(groups), 1)
+    torch.save({"before": before, "initial": t.initial, "after": t.weights}, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_training_never_writes_the_weights_it_started_from(stage, model_path, tmp_path):
+    """The DeepSpeed module is built over the held tensors (no copy): DeepSpeed must copy or partition them
+    before its first update, so the fixed reference (`reference: initial`) keeps the weights it started from."""
+    import torch.multiprocessing as mp
+
+    from workers.trainer import free_port
+
+    sys.path.insert(0, os.path.dirname(__file__))  # the spawned rank imports this module
+    out = str(tmp_path / "weights.pt")
+    mp.start_processes(
+        _train_rank, args=(model_path, stage, free_port(), out), nprocs=1, join=True, start_method="spawn"
+    )
+    res = torch.load(out)
+    assert all(torch.equal(res["initial"][k], v) for k, v in res["before"].items())
+    assert any(not torch.equal(res["after"][k], v) for k, v in res["before"].items())
