@@ -14,7 +14,9 @@ that each peak RSS is its own; the variants use the trainer's own code: `sequenc
 - group_by_length: micro-batches cut from length-sorted windows vs uniformly random micro-batches;
 - response_logits: logits (LM head, log-softmax and their gradients) only from the first response column
                on (`logits_to_keep`) vs every column, the prompt's included (the path for a model whose
-               forward has no `logits_to_keep`).
+               forward has no `logits_to_keep`);
+- mmap_threshold: glibc maps every block of 128 KiB or more on its own and returns it when freed
+               (train.cpu_mmap_threshold_kib, as every CPU trainer sets it) vs glibc's default heap.
 Rollout levers (the vLLM engine of the rollout actor, in its own process per variant, as P5 measures it:
 64 prompts x 4 samples x 64 tokens on the bench model):
 - tcmalloc:    LD_PRELOAD tcmalloc (rollout.cpu_preload_tcmalloc, on by default when installed) vs glibc malloc;
@@ -54,11 +56,16 @@ VARIANTS = {
     "ref_precompute off too (resident reference)": {"reference": "resident"},
     "group_by_length off (random micro-batches)": {"group_by_length": False},
     "response_logits off (logits of every column)": {"response_logits": False},
+    "mmap_threshold off (glibc's default heap)": {"mmap_threshold": False},
 }
 
 
 def train_variant(
-    concat: bool = True, reference: str = "rollout", group_by_length: bool = True, response_logits: bool = True
+    concat: bool = True,
+    reference: str = "rollout",
+    group_by_length: bool = True,
+    response_logits: bool = True,
+    mmap_threshold: bool = True,
 ) -> dict:
     """One DPO iteration (EPOCHS epochs) over the bench pairs with the given levers; tokens/s and peak RSS."""
     import torch
@@ -75,13 +82,16 @@ def train_variant(
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from common.config import AlgorithmConfig
+    from common.config import AlgorithmConfig, TrainConfig
+    from workers.heap import set_mmap_threshold
     from workers.logprobs import batched_sequence_logprobs, sequence_logprobs
     from workers.losses import LossInputs, dpo_loss
     from workers.trainer import micro_batches
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    if mmap_threshold:
+        set_mmap_threshold(TrainConfig().cpu_mmap_threshold_kib)
     path = bench_model("bench")[0]
     tok = AutoTokenizer.from_pretrained(path)
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731

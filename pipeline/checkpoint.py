@@ -41,6 +41,7 @@ RESUMABLE = (
     "rollout.enforce_eager",
     "rollout.enable_prefix_caching",
     "train.reference_logps",
+    "train.cpu_mmap_threshold_kib",
 )
 NOT_RECORDED = ("resume",)  # differs on every resume: not worth a config_changes.jsonl row
 

@@ -27,6 +27,7 @@ from common.config import AlgorithmConfig, TrainConfig
 from common.methods import Method, get_method
 from common.records import PreferenceBatch, PreferenceGroup
 from common.ticker import Ticker
+from workers import heap
 from workers.logprobs import batched_sequence_logprobs, sequence_logprobs
 from workers.losses import LOSSES, LossInputs, wdpo_weights
 
@@ -183,12 +184,7 @@ def release(engine) -> None:
     the next iteration's engine reuses the memory."""
     engine.destroy()
     gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    heap.trim()
 
 
 def _peak_rss_mb() -> float:
@@ -347,6 +343,8 @@ class TrainerWorker:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         self.train_cfg = TrainConfig.model_validate(train)
+        if not self.cuda:
+            heap.set_mmap_threshold(self.train_cfg.cpu_mmap_threshold_kib)
         self.algo_cfg = AlgorithmConfig.model_validate(algorithm)
         self.method = get_method(self.algo_cfg.name)
         self.seed = seed
