@@ -48,13 +48,14 @@ test-fast: setup
 bench: setup
 	$(PY) bench/run_all.py
 
-# SmolLM2-135M-Instruct: every method, OPTune's selection, APO vs DPO, then P1/P3/P5/P6 and the sync profile on it
+# SmolLM2-135M-Instruct: every method, OPTune's selection, APO vs DPO, then P1/P3/P5/P6 and the sync, memory and rollout profiles on it
 # (over an hour on 2 cores).
 bench-real: setup
 	$(PY) bench/real.py
 	$(PY) bench/throughput.py --model smollm2
 	$(PY) bench/sync_profile.py --model smollm2
 	$(PY) bench/memory_profile.py --model smollm2
+	$(PY) bench/rollout_profile.py --model smollm2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -76,6 +76,18 @@ def best_of(fn, repeats: int = 5) -> float:
     return min(times)
 
 
+def run_json(argv: list[str], env: dict[str, str] | None = None, timeout: float = 1800) -> dict:
+    """Run `python *argv` in its own process (its own allocator, preloads and threads); its last line of
+    output is a JSON object, returned. Raises with the end of its stderr if it fails."""
+    import json
+    import subprocess
+
+    res = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-3000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def write_section(title: str, body: str) -> None:
     """Replace (or append) one `## title` section of BENCHMARKS.md."""
     path = ROOT / "BENCHMARKS.md"

@@ -15,8 +15,11 @@ that each peak RSS is its own; the variants use the trainer's own code: `sequenc
 - response_logits: logits (LM head, log-softmax and their gradients) only from the first response column
                on (`logits_to_keep`) vs every column, the prompt's included (the path for a model whose
                forward has no `logits_to_keep`);
-- mmap_threshold: glibc maps every block of 128 KiB or more on its own and returns it when freed
-               (train.cpu_mmap_threshold_kib, as every CPU trainer sets it) vs glibc's default heap.
+- fused_adam:  torch's fused AdamW (one pass over the weights per step, what the trainer asks DeepSpeed
+               for) vs its per-tensor implementation;
+- tcmalloc:    tcmalloc preloaded (train.cpu_preload_tcmalloc, as every CPU trainer rank starts) vs glibc's
+               heap, and vs glibc mapping every block of 128 KiB or more on its own
+               (train.cpu_mmap_threshold_kib 128, the setting for a run short of memory).
 Rollout levers (the vLLM engine of the rollout actor, in its own process per variant, as P5 measures it:
 64 prompts x 4 samples x 64 tokens on the bench model):
 - tcmalloc:    LD_PRELOAD tcmalloc (rollout.cpu_preload_tcmalloc, on by default when installed) vs glibc malloc;
@@ -38,12 +41,11 @@ import json
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchkit import best_of, machine, start_engine, write_section
+from benchkit import best_of, machine, run_json, start_engine, write_section
 from throughput import bench_model, make_pairs
 
 N_PAIRS, MICRO_BATCH, EPOCHS, ROUNDS = 64, 8, 2, 3
@@ -56,7 +58,9 @@ VARIANTS = {
     "ref_precompute off too (resident reference)": {"reference": "resident"},
     "group_by_length off (random micro-batches)": {"group_by_length": False},
     "response_logits off (logits of every column)": {"response_logits": False},
-    "mmap_threshold off (glibc's default heap)": {"mmap_threshold": False},
+    "fused_adam off (per-tensor AdamW)": {"fused_adam": False},
+    "tcmalloc off (glibc's heap)": {"tcmalloc": False},
+    "tcmalloc off, glibc 128 KiB mmap threshold": {"tcmalloc": False, "mmap_threshold_kib": 128},
 }
 
 
@@ -65,7 +69,8 @@ def train_variant(
     reference: str = "rollout",
     group_by_length: bool = True,
     response_logits: bool = True,
-    mmap_threshold: bool = True,
+    fused_adam: bool = True,
+    mmap_threshold_kib: int = 0,
 ) -> dict:
     """One DPO iteration (EPOCHS epochs) over the bench pairs with the given levers; tokens/s and peak RSS."""
     import torch
@@ -82,7 +87,7 @@ def train_variant(
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from common.config import AlgorithmConfig, TrainConfig
+    from common.config import AlgorithmConfig
     from workers.heap import set_mmap_threshold
     from workers.logprobs import batched_sequence_logprobs, sequence_logprobs
     from workers.losses import LossInputs, dpo_loss
@@ -90,8 +95,7 @@ def train_variant(
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    if mmap_threshold:
-        set_mmap_threshold(TrainConfig().cpu_mmap_threshold_kib)
+    set_mmap_threshold(mmap_threshold_kib)
     path = bench_model("bench")[0]
     tok = AutoTokenizer.from_pretrained(path)
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -115,7 +119,7 @@ def train_variant(
         lp, _ = batched_sequence_logprobs(ref_model, prompts + prompts, chosen + rejected, pad)
         ref_all = torch.stack([lp[:N_PAIRS], lp[N_PAIRS:]], dim=1)
         del ref_model
-    optim = torch.optim.AdamW(policy.parameters(), lr=5e-4, foreach=False)
+    optim = torch.optim.AdamW(policy.parameters(), lr=5e-4, foreach=False, fused=fused_adam)
     widths = [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
     real = padded = 0
     for epoch in range(EPOCHS):
@@ -195,24 +199,18 @@ def run_variant(levers: dict, kind: str = "train") -> dict:
     import os
 
     from common.config import RolloutConfig
+    from workers.heap import tcmalloc_preload
     from workers.rollout import engine_env
 
     env = dict(os.environ)
+    if kind == "train" and levers.pop("tcmalloc", True):  # preloaded, as a CPU trainer rank starts
+        env.update(tcmalloc_preload())
     if kind == "rollout":
         preload = engine_env(RolloutConfig(cpu_preload_tcmalloc=levers.pop("tcmalloc", True))).get("LD_PRELOAD", "")
         if levers.pop("iomp", False):
             preload = ":".join(filter(None, [preload, str(Path(sys.prefix) / "lib" / "libiomp5.so")]))
         env["LD_PRELOAD"] = preload
-    res = subprocess.run(
-        [sys.executable, __file__, f"--{kind}", json.dumps(levers)],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        env=env,
-    )
-    if res.returncode != 0:
-        raise RuntimeError(res.stderr[-3000:])
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_json([__file__, f"--{kind}", json.dumps(levers)], env)
 
 
 def sync_lever() -> tuple[float, float, float, int]:

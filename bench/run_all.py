@@ -13,6 +13,7 @@ SCRIPTS = [
     "throughput.py",
     "sync_profile.py",
     "memory_profile.py",
+    "rollout_profile.py",
     "levers.py",
     "methods.py",
     "orchestration.py",

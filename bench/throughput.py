@@ -21,11 +21,9 @@ import datetime
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 
-from benchkit import best_of, machine, start_engine, write_section
+from benchkit import best_of, machine, run_json, start_engine, write_section
 
 HIDDEN, LAYERS = 512, 6
 N_PAIRS, BATCH, EPOCHS = 128, 16, 1
@@ -88,6 +86,30 @@ def with_sampled_logps(groups: list, logps: list[float], iteration: int) -> list
     ]
 
 
+def hf_rollout(model, tok, prompts: list[list[int]], n: int, max_new: int) -> int:
+    """P5's baseline: HF `generate` (sampling, `n` per prompt) in batches of 16 left-padded prompts; returns
+    the number of tokens generated."""
+    import torch
+
+    tokens = 0
+    with torch.no_grad():
+        for s in range(0, len(prompts), 16):
+            chunk = prompts[s : s + 16]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in chunk])
+            attn = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in chunk])[:, None]).long()
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                do_sample=True,
+                max_new_tokens=max_new,
+                num_return_sequences=n,
+                pad_token_id=tok.pad_token_id,
+            )
+            tokens += int(sum(int((row != tok.pad_token_id).sum()) for row in gen[:, width:]))
+    return tokens
+
+
 TRL_SCRIPT = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads(2)
@@ -113,15 +135,7 @@ def run_trl(path: str, rows: list[dict]) -> dict:
     os.makedirs(os.path.dirname(data), exist_ok=True)
     with open(data, "w") as f:
         json.dump(rows, f)
-    res = subprocess.run(
-        [sys.executable, "-c", TRL_SCRIPT, path, data, str(BATCH), str(EPOCHS)],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if res.returncode != 0:
-        raise RuntimeError(res.stderr[-3000:])
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_json(["-c", TRL_SCRIPT, path, data, str(BATCH), str(EPOCHS)])
 
 
 def main() -> None:
@@ -131,9 +145,9 @@ def main() -> None:
     import ray
     import torch
 
-    from common.config import SyncConfig
+    from common.config import SyncConfig, TrainConfig
     from common.records import PreferenceBatch
-    from workers.actor_group import TrainerGroup
+    from workers.actor_group import TrainerGroup, trainer_env
     from workers.trainer import flatten
     from workers.weight_sync import sync_weights
 
@@ -156,7 +170,7 @@ def main() -> None:
     def train_ours(reference_logps: str):
         """A fresh 2-rank group: a warm-up iteration (DeepSpeed op builds, allocator), then one timed.
         Returns (the group, seconds, the peak-RSS rank's memory)."""
-        group = TrainerGroup(2, 0.5, 0, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+        group = TrainerGroup(2, 0.5, 0, trainer_env(TrainConfig()))  # as the pipeline starts its ranks
         cfg = {**train_cfg, "reference_logps": reference_logps}
         ray.get(group.call("setup", path, cfg, {"name": "dpo", "beta": 0.1}, 0))
         warm_up, timed = groups, groups
@@ -219,24 +233,8 @@ def main() -> None:
     ray.shutdown()
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    hf_tokens = 0
     t = time.perf_counter()
-    with torch.no_grad():
-        for s in range(0, len(prompts), 16):
-            chunk = prompts[s : s + 16]
-            width = max(map(len, chunk))
-            ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in chunk])
-            attn = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in chunk])[:, None]).long()
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=attn,
-                do_sample=True,
-                max_new_tokens=max_new,
-                num_return_sequences=n,
-                pad_token_id=tok.pad_token_id,
-            )
-            new = gen[:, width:]
-            hf_tokens += int(sum(int((row != tok.pad_token_id).sum()) for row in new))
+    hf_tokens = hf_rollout(model, tok, prompts, n, max_new)
     hf_s = time.perf_counter() - t
     p5 = (vllm_tokens / vllm_s) / (hf_tokens / hf_s)
     results["P5"] = (

@@ -42,6 +42,7 @@ RESUMABLE = (
     "rollout.enable_prefix_caching",
     "train.reference_logps",
     "train.cpu_mmap_threshold_kib",
+    "train.cpu_preload_tcmalloc",
 )
 NOT_RECORDED = ("resume",)  # differs on every resume: not worth a config_changes.jsonl row
 

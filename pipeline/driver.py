@@ -19,7 +19,7 @@ from pipeline.console import ActorLogs, Console
 from pipeline.data import DataError, PromptSet, load_prompt_sets
 from pipeline.loop import Loop, Workers
 from pipeline.rundir import RunDir, RunDirError
-from workers.actor_group import TrainerGroup
+from workers.actor_group import TrainerGroup, trainer_env
 from workers.rollout import RolloutWorker, engine_env
 from workers.weight_sync import resolve_backend
 
@@ -363,15 +363,7 @@ def start_workers(cfg: RunConfig, model_path: str) -> Workers:
                 resolve_backend(cfg.sync, r.num_gpus > 0, t.num_gpus > 0),
             )
         )
-    trainer_env = {
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    }
-    if t.num_gpus == 0:
-        trainer_env["DS_ACCELERATOR"] = "cpu"
-    trainers = TrainerGroup(t.num_workers, t.num_cpus, t.num_gpus, trainer_env, cfg.call_timeout_s)
+    trainers = TrainerGroup(t.num_workers, t.num_cpus, t.num_gpus, trainer_env(t), cfg.call_timeout_s)
     ray.get([e.ready.remote() for e in engines], timeout=cfg.call_timeout_s)
     return Workers(engines, trainers)
 

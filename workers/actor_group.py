@@ -6,6 +6,25 @@ from typing import Any
 
 import ray
 
+from common.config import TrainConfig
+from workers.heap import tcmalloc_preload
+
+
+def trainer_env(t: TrainConfig) -> dict[str, str]:
+    """A trainer rank's start-up environment: one OpenMP thread per rank, quiet libraries, and on CPU
+    DeepSpeed's CPU accelerator and tcmalloc preloaded when installed (`train.cpu_preload_tcmalloc`)."""
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    if t.num_gpus == 0:
+        env["DS_ACCELERATOR"] = "cpu"
+        if t.cpu_preload_tcmalloc:
+            env.update(tcmalloc_preload())
+    return env
+
 
 class TrainerGroup:
     """`world` TrainerWorker actors wired as ranks 0..world-1 of one torch.distributed group.

@@ -14,6 +14,7 @@ import os
 from common.config import RolloutConfig
 from common.records import Rollout
 from common.ticker import Ticker
+from workers.heap import tcmalloc_preload
 
 # Keep the engine core inside this process (what a Ray actor wants), and keep it offline.
 ENGINE_ENV = {
@@ -28,13 +29,6 @@ ENGINE_ENV = {
 }
 
 
-TCMALLOC_PATHS = (
-    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
-    "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
-    "/usr/lib64/libtcmalloc_minimal.so.4",
-)
-
-
 def engine_env(rc: RolloutConfig) -> dict[str, str]:
     """The engine actor's environment: ENGINE_ENV, plus, for a CPU engine, tcmalloc in LD_PRELOAD when it is
     installed (vLLM's CPU backend warns at every start without it; a preload must be in the environment the
@@ -43,9 +37,7 @@ def engine_env(rc: RolloutConfig) -> dict[str, str]:
     puts a second OpenMP runtime beside torch's in the process."""
     env = dict(ENGINE_ENV)
     if rc.num_gpus == 0 and rc.cpu_preload_tcmalloc:
-        found = [p for p in TCMALLOC_PATHS if os.path.isfile(p)]
-        if found:
-            env["LD_PRELOAD"] = ":".join(filter(None, [found[0], os.environ.get("LD_PRELOAD", "")]))
+        env.update(tcmalloc_preload())
     return env
 
 

@@ -232,7 +232,7 @@ def ds_config(train: TrainConfig, world: int) -> dict:
         "train_batch_size": train.micro_batch_size * world,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": train.lr, "weight_decay": train.weight_decay, "torch_adam": True},
+            "params": {"lr": train.lr, "weight_decay": train.weight_decay, "torch_adam": True, "fused": True},
         },
         "zero_optimization": zero,
         "gradient_clipping": train.grad_clip,
