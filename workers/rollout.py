@@ -142,20 +142,24 @@ class RolloutWorker:
                         max_tokens=max_new_tokens,
                         seed=sample_seed(seed, iteration, idx, j),
                         logprobs=0,
+                        detokenize=False,  # decoded once below, not token by token in the engine loop
                     )
                 )
                 owners.append(idx)
         with progress or Ticker() as tick:
             bar = counting_tqdm(tick) if progress is not None else False
             outputs = self.llm.generate(requests, params, use_tqdm=bar)
+        texts = self.llm.get_tokenizer().batch_decode(
+            [list(out.outputs[0].token_ids) for out in outputs], skip_special_tokens=True
+        )
         rollouts = []
-        for idx, out in zip(owners, outputs, strict=True):
+        for idx, out, text in zip(owners, outputs, texts, strict=True):
             o = out.outputs[0]
             rollouts.append(
                 Rollout(
                     prompt_index=idx,
                     response_ids=list(o.token_ids),
-                    text=o.text,
+                    text=text,
                     finish_reason="length" if o.finish_reason == "length" else "stop",
                     sample_logprob=o.cumulative_logprob,
                 )

@@ -5,9 +5,10 @@ Between iterations every rank holds the policy as an HF state dict on CPU. Each 
 1. reference log-probs of the rank's shard are computed once, with no grad, from the reference
    weights (the iteration's starting policy, or the initial policy), so no reference model stays
    resident during training;
-2. a DeepSpeed engine is built from the current weights with a fresh optimizer (each iteration is
-   its own fine-tuning run, as in SPIN/APO/OPTune), trained for `epochs` over the shard with one
-   concatenated forward per micro-batch (all K responses of a group together);
+2. a DeepSpeed engine is built over the current weights (the module on the meta device, the held
+   tensors assigned: no random initialisation, no copy before DeepSpeed's own) with a fresh fused AdamW
+   (each iteration is its own fine-tuning run, as in SPIN/APO/OPTune), trained for `epochs` over the
+   shard with one concatenated forward per micro-batch (all K responses of a group together);
 3. the full weights are gathered back (ZeRO-3: `GatheredParameters`) and the engine is dropped.
 
 APO's extrapolation is then plain tensor arithmetic on the full weights, on every rank.
@@ -220,8 +221,16 @@ def micro_batches(widths: list[int], size: int, rng: random.Random, group_by_len
     return batches
 
 
+# ZeRO's gradient-reduction and all-gather buckets on CPU ranks, in elements (DeepSpeed's default, 5e8, is a
+# 2 GB fp32 buffer allocated at every backward: tcmalloc keeps such a freed span and later allocations
+# touch it piece by piece, so a 2-rank group on the 13M model peaked at 2.4 GB a rank).
+CPU_BUCKET_ELEMENTS = 50_000_000
+
+
 def ds_config(train: TrainConfig, world: int) -> dict:
     zero: dict = {"stage": train.zero_stage}
+    if train.num_gpus == 0:
+        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = CPU_BUCKET_ELEMENTS
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if train.offload_params:
