@@ -113,7 +113,7 @@ def main() -> None:
     sampler.enter("setup: load the policy")
     cfg = {"num_workers": 1, "zero_stage": 2, "lr": 5e-4, "epochs": 1, "micro_batch_size": BATCH // 2}
     if args.mmap_threshold_kib is not None:
-        cfg["cpu_mmap_threshold_kib"] = args.mmap_threshold_kib
+        cfg.update(cpu_preload_tcmalloc=False, cpu_mmap_threshold_kib=args.mmap_threshold_kib)
     worker.setup(path, {**cfg, "reference_logps": "rollout"}, {"name": "dpo", "beta": 0.1}, 0)
     tied = getattr(worker.hf_config, "tie_word_embeddings", False)  # a tied LM head is the embedding: count once
     params = sum(v.numel() for k, v in worker.weights.items() if not (tied and k == "lm_head.weight"))

@@ -187,9 +187,18 @@ class TrainConfig(_Section):
     # cpu_mmap_threshold_kib 128, so glibc maps every block of 128 KiB or more on its own and returns it when
     # freed (peak 8.9x -> 6.8x the fp32 weights, 1.14x the time). 0 keeps glibc's default.
     cpu_preload_tcmalloc: bool = True
-    cpu_mmap_threshold_kib: int = Field(0, ge=0)
+    cpu_mmap_threshold_kib: int = Field(0, ge=0, le=32768)  # glibc caps the threshold at 32 MiB
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
     offload_params: bool = False  # ZeRO-3 parameters in CPU memory
+
+    @model_validator(mode="after")
+    def _glibc_only(self) -> TrainConfig:
+        if self.cpu_mmap_threshold_kib and self.cpu_preload_tcmalloc:
+            raise ValueError(
+                "train.cpu_mmap_threshold_kib sets glibc's heap, which a tcmalloc preload replaces: set "
+                "train.cpu_preload_tcmalloc=false too (the memory setting), or cpu_mmap_threshold_kib=0"
+            )
+        return self
 
 
 class SyncConfig(_Section):

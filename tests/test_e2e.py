@@ -92,9 +92,9 @@ def test_sampled_logprobs_are_the_reference_logprobs(run_tiny, workers, model_pa
         )
     )
     assert [s.sample_logprob for s in samples] == pytest.approx(trainer_lp, abs=1e-3)
-    # the text the reward sees is the response's tokens decoded (no special tokens), as vLLM would give it
-    assert [s.text for s in samples] == [tok.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-    assert all(s.text for s in samples)
+    # the text the reward sees is the response decoded without the token that stopped it, as vLLM gives it
+    stopped = [s.response_ids[:-1] if s.finish_reason == "stop" else s.response_ids for s in samples]
+    assert [s.text for s in samples] == [tok.decode(ids, skip_special_tokens=True) for ids in stopped]
     forward, _ = run_tiny("iterations=1", "train.reference_logps=forward", out=tmp_path / "forward")
     assert forward[1]["ref_logps_from_rollout"] == 0.0
 

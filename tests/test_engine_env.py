@@ -38,3 +38,15 @@ def test_cpu_trainers_preload_tcmalloc_when_installed_and_not_on_gpu():
     for cfg in (TrainConfig(cpu_preload_tcmalloc=False), TrainConfig(num_gpus=1)):
         assert "LD_PRELOAD" not in trainer_env(cfg)
     assert "DS_ACCELERATOR" not in trainer_env(TrainConfig(num_gpus=1))
+
+
+def test_response_text_leaves_out_the_token_that_stopped_it():
+    """vLLM's own text leaves out the EOS or stop token that ended a completion, special or not (a stop id
+    from generation_config may be an ordinary token); a completion cut at max_tokens keeps every token."""
+    from types import SimpleNamespace
+
+    from workers.rollout import response_text_ids
+
+    assert response_text_ids(SimpleNamespace(token_ids=[5, 6, 2], finish_reason="stop")) == [5, 6]
+    assert response_text_ids(SimpleNamespace(token_ids=[5, 6, 7], finish_reason="length")) == [5, 6, 7]
+    assert response_text_ids(SimpleNamespace(token_ids=[], finish_reason="stop")) == []

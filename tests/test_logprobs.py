@@ -55,6 +55,11 @@ def test_pack_marks_only_response_targets_from_the_shortest_prompt_on():
     assert pack([[1, 2, 3], [4, 5, 6, 7]], [[7], [8]], pad_id=0).start == 2
 
 
+def test_an_empty_prompt_is_refused():
+    with pytest.raises(ValueError, match="empty prompt"):
+        pack([[1, 2], []], [[3], [4]], pad_id=0)
+
+
 def test_lm_head_sees_only_columns_from_the_first_response_on(model_and_tok):
     """The logits of the prompt columns before the earliest response are never computed."""
     model, tok = model_and_tok

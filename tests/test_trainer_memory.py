@@ -92,7 +92,8 @@ FRAGMENT = r"""
 import sys, torch
 from workers.trainer import TrainerWorker
 
-TrainerWorker(0, 1).setup(sys.argv[1], {"cpu_mmap_threshold_kib": int(sys.argv[2])}, {"name": "dpo"}, 0)
+cfg = {"cpu_preload_tcmalloc": False, "cpu_mmap_threshold_kib": int(sys.argv[2])}
+TrainerWorker(0, 1).setup(sys.argv[1], cfg, {"name": "dpo"}, 0)
 
 
 def rss_mb():
@@ -110,9 +111,10 @@ print(before - rss_mb())
 
 @pytest.mark.parametrize("kib", [0, 128])
 def test_cpu_trainer_returns_freed_blocks_to_the_os(kib, model_path):
-    """With `train.cpu_mmap_threshold_kib` (128 by default) a CPU trainer's freed 1 MiB blocks leave its
-    resident memory at once; with glibc's default (0) they stay in the heap as holes."""
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "DS_ACCELERATOR": "cpu"}
+    """With `train.cpu_mmap_threshold_kib` 128 (the memory setting) a CPU trainer's freed 1 MiB blocks leave
+    its resident memory at once; with glibc's default (0) they stay in the heap as holes."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # glibc's heap, whatever runs pytest
+    env.update(PYTHONPATH=os.getcwd(), DS_ACCELERATOR="cpu")
     out = subprocess.run(
         [sys.executable, "-c", FRAGMENT, model_path, str(kib)], capture_output=True, text=True, env=env, timeout=300
     )
@@ -133,3 +135,16 @@ def test_cpu_ranks_use_small_zero_buckets():
     zero = ds_config(TrainConfig(), 2)["zero_optimization"]
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == CPU_BUCKET_ELEMENTS <= 50_000_000
     assert "reduce_bucket_size" not in ds_config(TrainConfig(num_gpus=1), 2)["zero_optimization"]
+
+
+def test_mmap_threshold_is_a_glibc_setting():
+    """It does nothing under tcmalloc, and glibc caps it at 32 MiB: both refused with the fix."""
+    from pydantic import ValidationError
+
+    from common.config import TrainConfig
+
+    with pytest.raises(ValidationError, match="cpu_preload_tcmalloc=false"):
+        TrainConfig(cpu_mmap_threshold_kib=128)
+    with pytest.raises(ValidationError, match="less than or equal to 32768"):
+        TrainConfig(cpu_preload_tcmalloc=False, cpu_mmap_threshold_kib=65536)
+    assert TrainConfig(cpu_preload_tcmalloc=False, cpu_mmap_threshold_kib=128).cpu_mmap_threshold_kib == 128

@@ -36,6 +36,8 @@ class Packed:
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Packed:
     """The rows right-padded to the longest prompt + response (no more padding than that)."""
+    if any(not p for p in prompts):
+        raise ValueError("an empty prompt has no column to predict its response's first token from")
     seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
     ids, attn = right_pad(seqs, pad_id)
     start = min(len(p) for p in prompts) - 1

@@ -41,6 +41,13 @@ def engine_env(rc: RolloutConfig) -> dict[str, str]:
     return env
 
 
+def response_text_ids(completion) -> list[int]:
+    """The token ids whose text vLLM would give for a completion: without the EOS or stop token that ended
+    it (vLLM leaves that token's text out even when it is not a special token)."""
+    ids = list(completion.token_ids)
+    return ids[:-1] if completion.finish_reason == "stop" and ids else ids
+
+
 def sample_seed(seed: int, iteration: int, prompt_index: int, sample: int) -> int:
     return (seed * 1_000_003 + iteration * 10_007 + prompt_index * 101 + sample) % (2**31 - 1)
 
@@ -150,7 +157,9 @@ class RolloutWorker:
             bar = counting_tqdm(tick) if progress is not None else False
             outputs = self.llm.generate(requests, params, use_tqdm=bar)
         texts = self.llm.get_tokenizer().batch_decode(
-            [list(out.outputs[0].token_ids) for out in outputs], skip_special_tokens=True
+            [response_text_ids(out.outputs[0]) for out in outputs],
+            skip_special_tokens=True,
+            clean_up_tokenization_spaces=False,  # as vLLM's own incremental detokenizer
         )
         rollouts = []
         for idx, out, text in zip(owners, outputs, texts, strict=True):
