@@ -225,7 +225,9 @@ def test_killed_trainer_gives_clear_stop_then_resume_works(workers, tiny_cfg, tm
     from workers.actor_group import TrainerGroup
 
     def fresh_group():
-        return TrainerGroup(2, 0, 0, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, timeout_s=60)
+        return TrainerGroup(
+            2, 0, 0, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, timeout_s=300
+        )  # forming the group waits on rank start-up: slow on a loaded 2-core machine
 
     group = fresh_group()
     original_call = TrainerGroup.call
