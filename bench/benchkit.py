@@ -76,6 +76,14 @@ def best_of(fn, repeats: int = 5) -> float:
     return min(times)
 
 
+def cumulative(stats, *names: str, suffix: bool = False) -> float:
+    """Summed cumulative seconds (a `pstats.Stats`) of the outermost profiled functions called one of `names`
+    (or whose name ends with one, `suffix`): a name's own recursive or nested calls are counted once, through
+    its cumulative time."""
+    match = (lambda fn, name: fn.endswith(name)) if suffix else (lambda fn, name: fn == name)
+    return sum(max((row[3] for key, row in stats.stats.items() if match(key[2], name)), default=0.0) for name in names)
+
+
 def run_json(argv: list[str], env: dict[str, str] | None = None, timeout: float = 1800) -> dict:
     """Run `python *argv` in its own process (its own allocator, preloads and threads); its last line of
     output is a JSON object, returned. Raises with the end of its stderr if it fails."""

@@ -21,19 +21,10 @@ import os
 import pstats
 import time
 
-from benchkit import machine, run_json, write_section
+from benchkit import cumulative, machine, run_json, write_section
 from throughput import bench_model, hf_rollout, make_pairs, pair_groups
 
 N_PROMPTS, N_SAMPLES, MAX_NEW = 64, 4, 64
-
-
-def cumulative(stats: pstats.Stats, *names: str) -> float:
-    """Summed cumulative seconds of the outermost profiled functions called one of `names` (a name's own
-    recursive or nested calls are counted once, through its cumulative time)."""
-    total = 0.0
-    for name in names:
-        total += max((row[3] for key, row in stats.stats.items() if key[2] == name), default=0.0)
-    return total
 
 
 def prompts_for(path: str) -> list[list[int]]:

@@ -18,13 +18,8 @@ import datetime
 import os
 import pstats
 
-from benchkit import best_of, machine, write_section
+from benchkit import best_of, cumulative, machine, write_section
 from throughput import bench_model
-
-
-def cumulative(stats: pstats.Stats, suffix: str) -> float:
-    """Cumulative seconds of the profiled functions whose name ends with `suffix` (outermost calls only)."""
-    return max((row[3] for key, row in stats.stats.items() if key[2].endswith(suffix)), default=0.0)
 
 
 def main() -> None:
@@ -58,9 +53,9 @@ def main() -> None:
     engine.load_weights(wire)
     prof.disable()
     stats = pstats.Stats(prof)
-    total = cumulative(stats, "load_weights") or load_s
+    total = cumulative(stats, "load_weights", suffix=True) or load_s
     onednn = max((row[2] for key, row in stats.stats.items() if "create_onednn_mm" in key[2]), default=0.0)
-    params = cumulative(stats, "_load_param")
+    params = cumulative(stats, "_load_param", suffix=True)
     ray.shutdown()
     rate = lambda s: nbytes / s / 1e9  # noqa: E731
     rows = [

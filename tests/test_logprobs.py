@@ -73,6 +73,30 @@ def test_lm_head_sees_only_columns_from_the_first_response_on(model_and_tok):
     assert seen == [(2, 33 - 27)]  # columns 27 (the shorter prompt's last) .. 32
 
 
+class WithoutLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward takes no `logits_to_keep` (older or custom models)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+def test_a_forward_without_logits_to_keep_gets_the_same_logprobs(model_and_tok):
+    """Whether a forward takes `logits_to_keep` is asked once per model class: a model without it, scored
+    after and before one with it, still gets its logits sliced (and the same log-probs)."""
+    model, tok = model_and_tok
+    prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
+    with torch.no_grad():
+        expect, _ = sequence_logprobs(model, prompts, responses, tok.pad_token_id)
+        plain, _ = sequence_logprobs(WithoutLogitsToKeep(model), prompts, responses, tok.pad_token_id)
+        again, _ = sequence_logprobs(model, prompts, responses, tok.pad_token_id)
+    assert plain.tolist() == pytest.approx(expect.tolist(), abs=1e-5)
+    assert again.tolist() == expect.tolist()
+
+
 @pytest.mark.parametrize("grouped", [True, False])
 def test_micro_batches_partition_every_item_once(grouped):
     import random

@@ -9,6 +9,7 @@ length 0.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -47,10 +48,15 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> P
     return Packed(ids, attn, target, start)
 
 
+@functools.cache
+def _forward_keeps_logits(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
 def _keeps_logits(model: torch.nn.Module) -> bool:
-    """Whether the model's forward takes `logits_to_keep` (HF causal LMs do; a DeepSpeed engine passes it on)."""
-    forward = getattr(model, "module", model).forward
-    return "logits_to_keep" in inspect.signature(forward).parameters
+    """Whether the model's forward takes `logits_to_keep` (HF causal LMs do; a DeepSpeed engine passes it on).
+    Asked once per model class, not at every micro-batch."""
+    return _forward_keeps_logits(type(getattr(model, "module", model)))
 
 
 def sequence_logprobs(
