@@ -81,6 +81,7 @@ def main() -> None:
         default=None,
         help="glibc's heap with train.cpu_mmap_threshold_kib (default: tcmalloc, as the trainer ranks)",
     )
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="train.gradient_checkpointing true")
     args = ap.parse_args()
     import os
     import sys
@@ -114,6 +115,8 @@ def main() -> None:
     cfg = {"num_workers": 1, "zero_stage": 2, "lr": 5e-4, "epochs": 1, "micro_batch_size": BATCH // 2}
     if args.mmap_threshold_kib is not None:
         cfg.update(cpu_preload_tcmalloc=False, cpu_mmap_threshold_kib=args.mmap_threshold_kib)
+    if args.gradient_checkpointing:
+        cfg.update(gradient_checkpointing=True)
     worker.setup(path, {**cfg, "reference_logps": "rollout"}, {"name": "dpo", "beta": 0.1}, 0)
     tied = getattr(worker.hf_config, "tie_word_embeddings", False)  # a tied LM head is the embedding: count once
     params = sum(v.numel() for k, v in worker.weights.items() if not (tied and k == "lm_head.weight"))
@@ -155,6 +158,7 @@ def main() -> None:
         "`.venv/bin/python bench/memory_profile.py"
         + ("" if args.model == "bench" else f" --model {args.model}")
         + ("" if args.mmap_threshold_kib is None else f" --mmap-threshold-kib {args.mmap_threshold_kib}")
+        + (" --gradient-checkpointing" if args.gradient_checkpointing else "")
         + "`"
     )
     body = (
@@ -172,7 +176,7 @@ def main() -> None:
         + ("" if args.model == "bench" else " --model smollm2")
         + ")"
     )
-    if args.mmap_threshold_kib is None:  # the default settings' section; other thresholds only print
+    if args.mmap_threshold_kib is None and not args.gradient_checkpointing:  # the defaults' section; others print
         write_section(title, body)
     print(body)
 

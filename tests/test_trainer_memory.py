@@ -88,6 +88,52 @@ def test_training_never_writes_the_weights_it_started_from(stage, model_path, tm
     assert any(not torch.equal(res["after"][k], v) for k, v in res["before"].items())
 
 
+def _train_checkpointed(rank: int, model_path: str, checkpointing: bool, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    from common.records import PreferenceBatch, PreferenceGroup
+    from workers.trainer import TrainerWorker
+
+    t = TrainerWorker(0, 1)
+    t.connect("127.0.0.1", port)
+    cfg = {"micro_batch_size": 2, "lr": 1e-2, "gradient_checkpointing": checkpointing}
+    t.setup(model_path, cfg, {"name": "dpo"}, 0)
+    build, layer_calls = t._model, []
+
+    def counted(weights):  # a spy: how often the first decoder layer trains (twice a step when checkpointed)
+        model = build(weights)
+        model.model.layers[0].register_forward_pre_hook(lambda m, _: layer_calls.append(1) if m.training else None)
+        return model
+
+    t._model = counted
+    groups = [PreferenceGroup(i, [5, 6, 7 + i], [[8, 9, 10], [11, 12]], [1.0, 0.0]) for i in range(4)]
+    steps = t.train(PreferenceBatch(groups), 1)["steps"]
+    torch.save({"after": t.weights, "layer_calls": len(layer_calls), "steps": steps}, out)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_recomputes_and_trains_to_the_same_weights(model_path, tmp_path):
+    """`train.gradient_checkpointing` (the memory setting) keeps only each layer's input through DeepSpeed's
+    forward and recomputes the layer in the backward pass: the same weights, each layer run twice a step."""
+    import torch.multiprocessing as mp
+
+    from workers.trainer import free_port
+
+    sys.path.insert(0, os.path.dirname(__file__))  # the spawned rank imports this module
+    res = {}
+    for on in (False, True):
+        out = str(tmp_path / f"weights-{on}.pt")
+        mp.start_processes(
+            _train_checkpointed, args=(model_path, on, free_port(), out), nprocs=1, join=True, start_method="spawn"
+        )
+        res[on] = torch.load(out)
+    steps = res[True]["steps"]
+    assert steps == res[False]["steps"] > 0
+    assert res[False]["layer_calls"] == steps
+    assert res[True]["layer_calls"] == 2 * steps
+    for k, v in res[False]["after"].items():
+        torch.testing.assert_close(res[True]["after"][k], v, rtol=0, atol=1e-6, msg=k)
+
+
 FRAGMENT = r"""
 import sys, torch
 from workers.trainer import TrainerWorker
