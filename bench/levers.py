@@ -17,6 +17,9 @@ that each peak RSS is its own; the variants use the trainer's own code: `sequenc
                forward has no `logits_to_keep`);
 - fused_adam:  torch's fused AdamW (one pass over the weights per step, what the trainer asks DeepSpeed
                for) vs its per-tensor implementation;
+- packing (not adopted; a variant with the lever on): the micro-batch's sequences bin-packed into rows as
+               wide as its longest sequence, each restarting its positions (HF builds the block-diagonal
+               causal mask from the position ids), so no padding between them vs one padded row each;
 - tcmalloc:    tcmalloc preloaded (train.cpu_preload_tcmalloc, as every CPU trainer rank starts) vs glibc's
                heap, and vs glibc mapping every block of 128 KiB or more on its own
                (train.cpu_mmap_threshold_kib 128, the setting for a run short of memory).
@@ -48,7 +51,7 @@ from pathlib import Path
 from benchkit import best_of, machine, run_json, start_engine, write_section
 from throughput import bench_model, make_pairs
 
-N_PAIRS, MICRO_BATCH, EPOCHS, ROUNDS = 64, 8, 2, 3
+N_PAIRS, MICRO_BATCH, EPOCHS, ROUNDS = 64, 8, 2, 2  # two rounds keep `make bench` under 25 minutes
 ROLLOUT_ROUNDS = 2  # each compiled engine start takes ~35 s: two rounds keep `make bench` under 25 minutes
 RESPONSE_CHARS = (4, 120)  # a wide length spread, as in real preference data
 VARIANTS = {
@@ -59,6 +62,7 @@ VARIANTS = {
     "group_by_length off (random micro-batches)": {"group_by_length": False},
     "response_logits off (logits of every column)": {"response_logits": False},
     "fused_adam off (per-tensor AdamW)": {"fused_adam": False},
+    "packing on (bin-packed rows, no padding between sequences)": {"packing": True},
     "tcmalloc off (glibc's heap)": {"tcmalloc": False},
     "tcmalloc off, glibc 128 KiB mmap threshold": {"tcmalloc": False, "mmap_threshold_kib": 128},
 }
@@ -71,6 +75,7 @@ def train_variant(
     response_logits: bool = True,
     fused_adam: bool = True,
     mmap_threshold_kib: int = 0,
+    packing: bool = False,
 ) -> dict:
     """One DPO iteration (EPOCHS epochs) over the bench pairs with the given levers; tokens/s and peak RSS."""
     import torch
@@ -114,6 +119,13 @@ def train_variant(
         policy.train()
     else:
         ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if packing:  # the prototype computes what the trainer computes (fp32: to float rounding)
+        with torch.no_grad():
+            pk, pd = (
+                packed_sequence_logprobs(policy, prompts[:16], chosen[:16], pad),
+                sequence_logprobs(policy, prompts[:16], chosen[:16], pad),
+            )
+        assert torch.allclose(pk[0], pd[0], atol=1e-3), (pk[0] - pd[0]).abs().max()
     t0 = time.perf_counter()
     if reference == "precompute":
         lp, _ = batched_sequence_logprobs(ref_model, prompts + prompts, chosen + rejected, pad)
@@ -126,7 +138,13 @@ def train_variant(
         for idx in micro_batches(widths, MICRO_BATCH, random.Random(epoch), group_by_length):
             p = [prompts[i] for i in idx]
             c, r = [chosen[i] for i in idx], [rejected[i] for i in idx]
-            if concat:
+            if packing:
+                lp, ln = packed_sequence_logprobs(policy, p + p, c + r, pad)
+                logps, lengths = (
+                    torch.stack([lp[: len(idx)], lp[len(idx) :]], 1),
+                    torch.stack([ln[: len(idx)], ln[len(idx) :]], 1),
+                )
+            elif concat:
                 lp, ln = sequence_logprobs(trained, p + p, c + r, pad)
                 logps, lengths = (
                     torch.stack([lp[: len(idx)], lp[len(idx) :]], 1),
@@ -146,11 +164,11 @@ def train_variant(
             optim.zero_grad()
             loss.mean().backward()
             optim.step()
-            forwards = [(p + p, c + r)] if concat else [(p, c), (p, r)]
+            forwards = [(p + p, c + r)] if concat or packing else [(p, c), (p, r)]
             for xs, ys in forwards:
                 seqs = [len(x) + len(y) for x, y in zip(xs, ys, strict=True)]
                 real += sum(seqs)
-                padded += max(seqs) * len(seqs)
+                padded += max(seqs) * (len(bin_pack(seqs)) if packing else len(seqs))
     secs = time.perf_counter() - t0
     return {
         "tokens_per_s": real / secs,
@@ -158,6 +176,47 @@ def train_variant(
         "pad_fraction": 1 - real / padded,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }
+
+
+def bin_pack(lengths: list[int]) -> list[list[int]]:
+    """First-fit decreasing: the indices of `lengths` in rows no wider than the longest."""
+    width, rows, fill = max(lengths), [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((k for k, f in enumerate(fill) if f + lengths[i] <= width), None)
+        if row is None:
+            rows.append([])
+            fill.append(0)
+            row = len(rows) - 1
+        rows[row].append(i)
+        fill[row] += lengths[i]
+    return rows
+
+
+def packed_sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """`sequence_logprobs` over bin-packed rows: each sequence restarts its position ids, no attention mask,
+    so HF masks attention inside each sequence; logits of every column (the lever's prototype)."""
+    import torch
+
+    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+    rows = bin_pack([len(s) for s in seqs])
+    width = max(map(len, seqs))
+    ids = torch.full((len(rows), width), pad_id)
+    pos = torch.arange(width).repeat(len(rows), 1)
+    where = []  # (row, first logit column, sequence) of each response
+    for r, members in enumerate(rows):
+        o = 0
+        for i in members:
+            n = len(seqs[i])
+            ids[r, o : o + n] = torch.tensor(seqs[i])
+            pos[r, o:] = torch.arange(width - o)  # this sequence, then the row's padding after it
+            where.append((r, o + len(prompts[i]) - 1, i))
+            o += n
+    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
+    sums = [logits.new_zeros(())] * len(seqs)
+    for r, c, i in where:
+        lg, target = logits[r, c : c + len(responses[i])], ids[r, c + 1 : c + 1 + len(responses[i])]
+        sums[i] = (lg.gather(-1, target[:, None])[:, 0] - lg.logsumexp(-1)).sum()
+    return torch.stack(sums), torch.tensor([float(len(r)) for r in responses])
 
 
 ROLLOUT_VARIANTS = {

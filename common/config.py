@@ -181,11 +181,14 @@ class TrainConfig(_Section):
     # reference forward pass for them); "forward" recomputes every one; "auto" is "rollout" where the two were
     # verified to agree (~1e-5: fp32 engine and trainer on CPU) and "forward" elsewhere (bf16, GPU kernels).
     reference_logps: Literal["auto", "rollout", "forward"] = "auto"
+    # Recompute each decoder layer in the backward pass instead of keeping its activations (SmolLM2, one
+    # rank: peak 6.9x -> 6.2x the fp32 weights for 1.13x the time; bench/memory_profile.py).
     gradient_checkpointing: bool = False
     # CPU trainers: tcmalloc preloaded when installed (SmolLM2's training call 1.25x faster than with glibc's
-    # heap, bench/memory_profile.py). For a run short of memory instead: cpu_preload_tcmalloc false and
-    # cpu_mmap_threshold_kib 128, so glibc maps every block of 128 KiB or more on its own and returns it when
-    # freed (peak 8.9x -> 6.8x the fp32 weights, 1.14x the time). 0 keeps glibc's default.
+    # heap, bench/memory_profile.py). For a run short of memory instead (the memory setting, with
+    # gradient_checkpointing): cpu_preload_tcmalloc false and cpu_mmap_threshold_kib 128, so glibc maps every
+    # block of 128 KiB or more on its own and returns it when freed (peak 8.9x -> 6.8x the fp32 weights, 1.14x
+    # the time). 0 keeps glibc's default.
     cpu_preload_tcmalloc: bool = True
     cpu_mmap_threshold_kib: int = Field(0, ge=0, le=32768)  # glibc caps the threshold at 32 MiB
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
