@@ -85,8 +85,9 @@ class WithoutLogitsToKeep(torch.nn.Module):
 
 
 def test_a_forward_without_logits_to_keep_gets_the_same_logprobs(model_and_tok):
-    """Whether a forward takes `logits_to_keep` is asked once per model class: a model without it, scored
-    after and before one with it, still gets its logits sliced (and the same log-probs)."""
+    """Whether a forward takes `logits_to_keep` is asked once per model class (a cache keyed on anything
+    coarser would pass it to this forward, a TypeError): a model without it, scored between two calls of
+    one with it, gets the same log-probs through the slicing path."""
     model, tok = model_and_tok
     prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
     with torch.no_grad():
