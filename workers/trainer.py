@@ -180,10 +180,36 @@ def copy_model_files(model_dir: str, out_dir: str) -> None:
 
 
 def release(engine) -> None:
-    """Free an iteration's DeepSpeed engine for good: `destroy()` drops the gradient hooks that keep the
-    model and optimizer alive (without it every iteration leaked one engine), then the heap is trimmed so
-    the next iteration's engine reuses the memory."""
+    """Free an iteration's DeepSpeed engine for good. `destroy()` drops the gradient hooks that keep the model
+    and optimizer alive (without it every iteration leaked one engine). The engine, its module and
+    DeepSpeed's flat copies of the weights still form reference cycles, so the caller must drop its own
+    references (the engine, the module, the last loss, whose graph reaches the parameters) and then call
+    `collect`: collected any earlier, the cycles lived on until Python's collector happened to run, and the
+    next iteration's peak held two engines' buffers."""
     engine.destroy()
+    forget_zero3_engine(engine.module)
+
+
+def forget_zero3_engine(module: torch.nn.Module) -> None:
+    """Drop what DeepSpeed's ZeRO-3 keeps of a destroyed engine in module-level state (DeepSpeed 0.19), each
+    of which kept the whole engine alive, one more every iteration: the top module it pushes onto the
+    forward-module stack at set-up and never pops, and the parameter coordinator's `lru_cache` (no size
+    limit) keyed by the coordinator and the submodules."""
+    from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
+
+    stack = parameter_offload.FWD_MODULE_STACK
+    stack[:] = [m for m in stack if m is not module]
+    cls = partitioned_param_coordinator.PartitionedParameterCoordinator
+    method = getattr(cls, "_PartitionedParameterCoordinator__params_to_release", None)
+    # the cache sits under DeepSpeed's NVTX wrapper (a closure without functools.wraps)
+    for fn in [method, *(c.cell_contents for c in getattr(method, "__closure__", None) or ())]:
+        if hasattr(fn, "cache_clear"):
+            fn.cache_clear()  # shared by every coordinator: a live one only recomputes its entries
+
+
+def collect() -> None:
+    """Collect the released engine's reference cycles now and trim the heap, so the next iteration's engine
+    reuses the memory."""
     gc.collect()
     heap.trim()
 
@@ -429,17 +455,42 @@ class TrainerWorker:
         if self.train_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
-        engine, *_ = deepspeed.initialize(
+        engine = deepspeed.initialize(  # (engine, optimizer, ...): keep no second handle on the optimizer
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=ds_config(self.train_cfg, self.world),
-        )
+        )[0]
         load_fp32_masters(engine, self.weights)  # bf16: DeepSpeed's masters would be the rounded module
         # The engine now holds the policy: drop this rank's own copy until `_gather` makes the next one (one
         # full copy of the weights less at the peak). A failure from here on stops the run (resume from the
         # last checkpoint), as the driver does for any failed training call.
         keys, kept = list(self.weights), self._untrained(model)
         self.weights = {}
+        losses, stats = self._fit(engine, shard, ref_logps, weights, iteration, progress)
+        self.weights = self._gather(engine, keys, kept)
+        release(engine)
+        del engine, model
+        collect()
+        out = {"steps": len(losses), "trained_pairs": len(shard), "loss": statistics.fmean(losses)}
+        if ref_logps is not None:
+            out["ref_logps_from_rollout"] = from_rollout / ref_logps.numel()
+        out.update({k: statistics.fmean(v) for k, v in stats.items()})
+        if "pair_weight" in stats:
+            out["pair_weights"] = stats["pair_weight"][: len(shard)]
+        return out
+
+    def _fit(
+        self,
+        engine,
+        shard: list[PreferenceGroup],
+        ref_logps: torch.Tensor | None,
+        weights: torch.Tensor | None,
+        iteration: int,
+        progress: Ticker | None,
+    ) -> tuple[list[float], dict[str, list[float]]]:
+        """`epochs` over the shard, one optimizer step per micro-batch; returns each step's loss and the
+        loss's per-item statistics. Its own frame holds the last step's loss and graph, so they are gone
+        when it returns (see `release`)."""
         tick = progress if progress is not None and self.rank == 0 else Ticker()
         widths = [len(g.prompt_ids) + max(map(len, g.responses)) for g in shard]
         mb = self.train_cfg.micro_batch_size
@@ -465,16 +516,7 @@ class TrainerWorker:
                 for key, val in item_stats.items():
                     stats.setdefault(key, []).extend(val.float().cpu().tolist())
         tick.flush()
-        self.weights = self._gather(engine, keys, kept)
-        release(engine)
-        del engine, model
-        out = {"steps": len(losses), "trained_pairs": len(shard), "loss": statistics.fmean(losses)}
-        if ref_logps is not None:
-            out["ref_logps_from_rollout"] = from_rollout / ref_logps.numel()
-        out.update({k: statistics.fmean(v) for k, v in stats.items()})
-        if "pair_weight" in stats:
-            out["pair_weights"] = stats["pair_weight"][: len(shard)]
-        return out
+        return losses, stats
 
     def _reference_logps(self, shard: list[PreferenceGroup], iteration: int) -> tuple[torch.Tensor, int]:
         """Reference log-probs [groups, K] of the shard, with no grad, and how many came from the rollout.
