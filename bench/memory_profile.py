@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/memory_profile.py [--model bench|smollm2]
 
-One TrainerWorker (world 1, ZeRO-2 on CPU, fp32, reference log-probs from the rollout) trains one DPO
-iteration on bench/throughput.py's pairs in this process, while a thread samples the resident set every
-few milliseconds. Each sample is labelled with the phase the trainer is in (wrapping the trainer's own
+One TrainerWorker (world 1, ZeRO-2 on CPU, fp32, reference log-probs from the rollout) trains two DPO
+iterations on bench/throughput.py's pairs in this process, while a thread samples the resident set every
+few milliseconds. The first is a warm-up (DeepSpeed's op builds; one line in the table); the second is the
+profiled one, so what an iteration leaves behind shows in the next one's memory, as in a run. Each sample is labelled with the phase the trainer is in (wrapping the trainer's own
 steps: reference log-probs, DeepSpeed set-up, forward, backward, optimizer step, gather, release), so
 the table shows each phase's peak and what it adds over the memory before the model was loaded, and
 the seconds spent in it (summed over the micro-batches; the sampling thread costs a little of them).
@@ -121,7 +122,8 @@ def main() -> None:
     tied = getattr(worker.hf_config, "tie_word_embeddings", False)  # a tied LM head is the embedding: count once
     params = sum(v.numel() for k, v in worker.weights.items() if not (tied and k == "lm_head.weight"))
     lps = worker.sequence_logprobs(*flatten(groups))  # what the engine returns with each sample
-    groups = with_sampled_logps(groups, lps, 1)
+    sampler.enter("warm-up iteration (the first; not split into phases)")
+    worker.train(PreferenceBatch(with_sampled_logps(groups, lps, 1)), 1)
     sampler.enter("between iterations (policy held as a CPU state dict)")
     sampler.wrap(TrainerWorker, "_reference_logps", "reference log-probs", after="module built over the weights")
     sampler.wrap(deepspeed, "initialize", "DeepSpeed engine set-up", after="after set-up")
@@ -129,7 +131,7 @@ def main() -> None:
     sampler.wrap(DeepSpeedEngine, "backward", "backward (gradients, reduction)", after="after backward")
     sampler.wrap(DeepSpeedEngine, "step", "optimizer step (Adam)", after="after step")
     sampler.wrap(TrainerWorker, "_gather", "gather the new weights", after="release the engine")
-    worker.train(PreferenceBatch(groups), 1)
+    worker.train(PreferenceBatch(with_sampled_logps(groups, lps, 2)), 2)
     sampler.enter("after the iteration")
     time.sleep(0.05)
     sampler.running = False
@@ -151,7 +153,7 @@ def main() -> None:
             f"| {phase} | {sampler.seconds.get(phase, 0.0):.2f} | {peak:.0f} | {peak - start:.0f} | "
             f"{(peak - start) / weights_mb:.1f}x |"
         )
-    training = [p for p in timed if not p.startswith(("setup", "between"))]
+    training = [p for p in timed if not p.startswith(("setup", "warm-up", "between"))]
     train_s = sum(sampler.seconds.get(p, 0.0) for p in training)
     compute_s = sum(sampler.seconds.get(p, 0.0) for p in training if p.startswith(("forward", "backward", "optim")))
     command = (
@@ -165,10 +167,10 @@ def main() -> None:
         f"Command: {command} ({datetime.date.today()}, {machine()}).\n\n"
         f"{described}, {params / 1e6:.1f}M parameters ({weights_mb:.0f} MiB in fp32); one rank (world 1, so ZeRO-2 "
         f"partitions nothing), DPO, {N_PAIRS} pairs, micro-batch {BATCH // 2}, 1 epoch, reference log-probs from "
-        f"the rollout, {allocator}. Resident memory sampled every 2 ms; the process held {start:.0f} MiB with its libraries "
+        f"the rollout, {allocator}; the phases are the second iteration's. Resident memory sampled every 2 ms; the process held {start:.0f} MiB with its libraries "
         "loaded, before the model.\n\n"
         + "\n".join(lines)
-        + f"\n\nThe training call (set-up to release) took {train_s:.1f} s, {compute_s / train_s:.0%} of it in the "
+        + f"\n\nThe second training call (set-up to release) took {train_s:.1f} s, {compute_s / train_s:.0%} of it in the "
         "forward, backward and optimizer step that TRL's trainer runs too."
     )
     title = (
