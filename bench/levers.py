@@ -29,6 +29,8 @@ Rollout levers (the vLLM engine of the rollout actor, in its own process per var
 - iomp:        Intel OpenMP preloaded too (vLLM's other CPU advice; not the default);
 - eager:       rollout.enforce_eager (the default) vs torch.compile (slower start, timed separately);
 - prefix caching: the n samples of a prompt share its KV blocks (rollout.enable_prefix_caching) vs not.
+- batch:       all 256 samples decoded together (vLLM's CPU default max_num_seqs 256) vs
+               rollout.max_num_seqs 64 (four waves).
 Sync lever (the vLLM actor, through Ray, as in P3):
 - bucketed sync: the state dict in one object-store transfer, loaded in 256 MB buckets vs one Ray call
                per tensor.
@@ -225,10 +227,13 @@ ROLLOUT_VARIANTS = {
     "iomp on (with tcmalloc)": {"iomp": True},
     "compiled (enforce_eager off)": {"enforce_eager": False},
     "prefix caching off": {"enable_prefix_caching": False},
+    "max_num_seqs 64 (four waves)": {"max_num_seqs": 64},
 }
 
 
-def rollout_variant(enforce_eager: bool = True, enable_prefix_caching: bool = True) -> dict:
+def rollout_variant(
+    enforce_eager: bool = True, enable_prefix_caching: bool = True, max_num_seqs: int | None = None
+) -> dict:
     """The engine in this process (its LD_PRELOAD set by the caller): start-up seconds and rollout tokens/s."""
     import os
 
@@ -242,7 +247,11 @@ def rollout_variant(enforce_eager: bool = True, enable_prefix_caching: bool = Tr
     tok = AutoTokenizer.from_pretrained(path)
     prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in make_pairs(tok, 64)]
     cfg = RolloutConfig(
-        kv_cache_mb=256, max_model_len=512, enforce_eager=enforce_eager, enable_prefix_caching=enable_prefix_caching
+        kv_cache_mb=256,
+        max_model_len=512,
+        enforce_eager=enforce_eager,
+        enable_prefix_caching=enable_prefix_caching,
+        max_num_seqs=max_num_seqs,
     )
     t = time.perf_counter()
     engine = RolloutWorker(path, cfg)

@@ -90,6 +90,22 @@ class RolloutConfig(_Section):
     enable_prefix_caching: bool = True
     # CPU engines: LD_PRELOAD tcmalloc (Debian libtcmalloc-minimal4) when installed, as vLLM's CPU backend asks.
     cpu_preload_tcmalloc: bool = True
+    # vLLM's scheduler: the sequences an engine decodes together, and the tokens one step may process.
+    # Unset: vLLM's defaults (256 sequences per CPU engine, 1024 on H100-class GPUs) and, on CPU, where
+    # whole prompts are prefilled, max(8192, max_model_len) tokens.
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _prefill_fits_a_prompt(self) -> RolloutConfig:
+        if self.num_gpus == 0 and self.max_num_batched_tokens is not None:
+            if self.max_num_batched_tokens < self.max_model_len:
+                raise ValueError(
+                    f"rollout.max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                    f"rollout.max_model_len ({self.max_model_len}) on CPU engines, which prefill whole prompts "
+                    "(chunked prefill off): raise it or lower max_model_len"
+                )
+        return self
 
 
 class RewardConfig(_Section):

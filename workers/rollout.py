@@ -101,8 +101,10 @@ class RolloutWorker:
             # Chunked prefill rewinds seeded samplers with Generator.set_offset, which CPU generators lack
             # ("CPU Generator does not use offset"): prefill whole prompts instead.
             kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(8192, rc.max_model_len)
+            kwargs["max_num_batched_tokens"] = rc.max_num_batched_tokens or max(8192, rc.max_model_len)
         else:
+            if rc.max_num_batched_tokens is not None:
+                kwargs["max_num_batched_tokens"] = rc.max_num_batched_tokens
             kwargs["gpu_memory_utilization"] = rc.gpu_memory_utilization
             if rc.tensor_parallel_size > 1:
                 kwargs["distributed_executor_backend"] = "ray"  # TP workers in this actor's placement group
@@ -114,10 +116,16 @@ class RolloutWorker:
             enforce_eager=rc.enforce_eager,
             seed=seed,
             enable_prefix_caching=rc.enable_prefix_caching,
+            max_num_seqs=rc.max_num_seqs,  # None: vLLM's default for the platform
             **kwargs,
         )
         if not torch.cuda.is_available():
             self.llm.init_weight_transfer_engine({"init_info": {}})
+
+    def scheduler_limits(self) -> dict[str, int]:
+        """The sequences this engine decodes together and the tokens a step may process, as vLLM set them."""
+        sched = self.llm.llm_engine.vllm_config.scheduler_config
+        return {"max_num_seqs": sched.max_num_seqs, "max_num_batched_tokens": sched.max_num_batched_tokens}
 
     def generate(
         self,
