@@ -97,14 +97,21 @@ class RolloutConfig(_Section):
     max_num_batched_tokens: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
-    def _prefill_fits_a_prompt(self) -> RolloutConfig:
-        if self.num_gpus == 0 and self.max_num_batched_tokens is not None:
-            if self.max_num_batched_tokens < self.max_model_len:
-                raise ValueError(
-                    f"rollout.max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
-                    f"rollout.max_model_len ({self.max_model_len}) on CPU engines, which prefill whole prompts "
-                    "(chunked prefill off): raise it or lower max_model_len"
-                )
+    def _scheduler_limits_fit(self) -> RolloutConfig:
+        tokens = self.max_num_batched_tokens
+        if tokens is None:
+            return self
+        if self.max_num_seqs is not None and tokens < self.max_num_seqs:
+            raise ValueError(
+                f"rollout.max_num_batched_tokens ({tokens}) must be at least rollout.max_num_seqs "
+                f"({self.max_num_seqs}): vLLM schedules a token of every running sequence a step"
+            )
+        if self.num_gpus == 0 and tokens < self.max_model_len:
+            raise ValueError(
+                f"rollout.max_num_batched_tokens ({tokens}) must be at least rollout.max_model_len "
+                f"({self.max_model_len}) on CPU engines, which prefill whole prompts (chunked prefill off): "
+                "raise it or lower max_model_len"
+            )
         return self
 
 

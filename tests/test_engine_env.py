@@ -62,8 +62,22 @@ def test_scheduler_limits_are_validated_where_the_engine_would_fail():
     with pytest.raises(ValidationError, match="max_num_batched_tokens.*at least rollout.max_model_len"):
         RolloutConfig(max_num_batched_tokens=256, max_model_len=512)
     assert RolloutConfig(max_num_batched_tokens=256, max_model_len=512, num_gpus=1).max_num_batched_tokens == 256
+    # vLLM schedules at least one token of each sequence a step, on every platform
+    with pytest.raises(ValidationError, match="max_num_batched_tokens.*at least rollout.max_num_seqs"):
+        RolloutConfig(max_num_seqs=1024, max_num_batched_tokens=512, max_model_len=512, num_gpus=1)
 
 
+def test_cpu_prefill_budget_covers_every_sequence():
+    """Unset on CPU, the step budget is max(8192, max_model_len), raised to max_num_seqs when that is larger."""
+    from workers.rollout import cpu_batched_tokens
+
+    assert cpu_batched_tokens(RolloutConfig()) == 8192
+    assert cpu_batched_tokens(RolloutConfig(max_model_len=10000)) == 10000
+    assert cpu_batched_tokens(RolloutConfig(max_num_seqs=16384)) == 16384
+    assert cpu_batched_tokens(RolloutConfig(max_num_batched_tokens=600, max_model_len=512)) == 600
+
+
+@pytest.mark.slow
 def test_the_shared_engine_keeps_vllm_default_scheduler_limits(workers):
     """Unset, vLLM's own CPU default (256 sequences an engine: P5's 64 prompts x 4 samples in one batch)
     and a prefill budget of max(8192, max_model_len) tokens."""

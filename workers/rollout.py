@@ -71,6 +71,12 @@ def counting_tqdm(tick: Ticker):
     return CountingTqdm
 
 
+def cpu_batched_tokens(rc: RolloutConfig) -> int:
+    """A CPU engine's token budget per step: the configured one, else enough for a whole prompt (chunked
+    prefill is off) and for one token of every sequence, and at least 8192."""
+    return rc.max_num_batched_tokens or max(8192, rc.max_model_len, rc.max_num_seqs or 0)
+
+
 class RolloutWorker:
     def __init__(
         self,
@@ -101,7 +107,7 @@ class RolloutWorker:
             # Chunked prefill rewinds seeded samplers with Generator.set_offset, which CPU generators lack
             # ("CPU Generator does not use offset"): prefill whole prompts instead.
             kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = rc.max_num_batched_tokens or max(8192, rc.max_model_len)
+            kwargs["max_num_batched_tokens"] = cpu_batched_tokens(rc)
         else:
             if rc.max_num_batched_tokens is not None:
                 kwargs["max_num_batched_tokens"] = rc.max_num_batched_tokens
