@@ -10,8 +10,8 @@ P1 DPO training tokens/s: our 2-rank ZeRO-2 trainer group vs TRL DPOTrainer (sam
 P2 orchestration share of iteration wall time (pipeline run, 3 iterations).
 P3 weight-sync bandwidth: bytes / sync time vs a plain in-process copy of the same tensors.
 P5 rollout tokens/s: the vLLM actor vs HF `generate` on the same model and prompts.
-P6 peak trainer RSS: one of our trainer ranks vs TRL DPOTrainer with its resident reference model; P1 and P6
-also with the memory setting (MEMORY_SETTING: gradient checkpointing, glibc's heap with a 128 KiB mmap
+P6 peak trainer RSS: one of our trainer ranks vs TRL DPOTrainer with its resident reference model; P1 also
+with train.packing (sequences bin-packed into shared rows); P1 and P6 also with the memory setting (MEMORY_SETTING: gradient checkpointing, glibc's heap with a 128 KiB mmap
 threshold). Baseline: TRL's defaults (its DPOConfig checkpoints gradients by default); also TRL at equal
 settings: without checkpointing against our defaults (TRL_WITHOUT_CHECKPOINTING), with it and the same
 glibc threshold against the memory setting (TRL_MEMORY_SETTING). TRL's figures are its best of TRL_RUNS
@@ -217,6 +217,8 @@ def main() -> None:
     fwd_group.kill()
     mem_group, mem_s, mem_mem = train_ours("rollout", MEMORY_SETTING)
     mem_group.kill()
+    packed_group, packed_s, _ = train_ours("rollout", {"packing": True})
+    packed_group.kill()
     group, ours_s, ours_mem = train_ours("rollout")
     ours_rss = ours_mem["peak"]
     p1, p1_fwd = trl["seconds"] / ours_s, trl["seconds"] / fwd_s
@@ -225,7 +227,8 @@ def main() -> None:
         f"rollout); {tokens / fwd_s:.0f} with a reference forward | TRL DPOTrainer {tokens / trl['seconds']:.0f}, "
         f"best of {trl['runs']}, its defaults (gradient checkpointing on) "
         f"| **{p1:.2f}x** ({trl_plain['seconds'] / ours_s:.2f}x against TRL without checkpointing; {p1_fwd:.2f}x with "
-        f"a reference forward; {trl['seconds'] / mem_s:.2f}x with the memory setting, {trl_gc['seconds'] / mem_s:.2f}x "
+        f"a reference forward; {trl['seconds'] / packed_s:.2f}x with train.packing, {tokens / packed_s:.0f} tokens/s; "
+        f"{trl['seconds'] / mem_s:.2f}x with the memory setting, {trl_gc['seconds'] / mem_s:.2f}x "
         "against TRL at equal settings) | >= 1.5x |"
     )
     p6, p6_fwd = ours_rss / trl["peak_rss_mb"], fwd_mem["peak"] / trl["peak_rss_mb"]
@@ -294,7 +297,7 @@ def main() -> None:
         print(results[k])
     print(
         f"ratios: P1 {p1:.2f}x  P3 {p3:.2f}x  P5 {p5:.2f}x  P6 {p6:.2f}x  "
-        f"(memory setting: P1 {trl['seconds'] / mem_s:.2f}x, P6 {mem_mem['peak'] / trl['peak_rss_mb']:.2f}x; "
+        f"(packing: P1 {trl['seconds'] / packed_s:.2f}x; memory setting: P1 {trl['seconds'] / mem_s:.2f}x, P6 {mem_mem['peak'] / trl['peak_rss_mb']:.2f}x; "
         f"against TRL at equal settings: P1 {trl_plain['seconds'] / ours_s:.2f}x and {trl_gc['seconds'] / mem_s:.2f}x, "
         f"P6 {ours_rss / trl_plain['peak_rss_mb']:.2f}x and {mem_mem['peak'] / trl_gc['peak_rss_mb']:.2f}x)"
     )

@@ -207,6 +207,11 @@ class TrainConfig(_Section):
     # Recompute each decoder layer in the backward pass instead of keeping its activations (SmolLM2, one
     # rank: peak 6.9x -> 6.2x the fp32 weights for 1.13x the time; bench/memory_profile.py).
     gradient_checkpointing: bool = False
+    # Bin-pack each micro-batch's sequences into rows (position ids restarting per sequence, attention kept
+    # inside each by HF's masking): no padding between them (bench/levers.py: 1.15x tokens/s where padding
+    # is 24%). Checked once per run against the padded path; a model that disagrees trains padded, with a
+    # warning.
+    packing: bool = False
     # CPU trainers: tcmalloc preloaded when installed (SmolLM2's training call 1.25x faster than with glibc's
     # heap, bench/memory_profile.py). For a run short of memory instead (the memory setting, with
     # gradient_checkpointing): cpu_preload_tcmalloc false and cpu_mmap_threshold_kib 128, so glibc maps every

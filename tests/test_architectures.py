@@ -153,3 +153,29 @@ def test_cpu_sync_matches_trainer_logprobs(arch, ray_cluster, model_path, tmp_pa
     assert before_engine == pytest.approx(before_trainer, abs=1e-3)
     assert after_engine == pytest.approx(after_trainer, abs=1e-3)
     assert _max_diff(after_engine, before_engine) > 0.1  # the sync really changed what the engine computes
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma2"])
+def test_packed_rows_keep_attention_inside_each_sequence(arch, model_path, tmp_path):
+    """`train.packing` on every supported architecture (Gemma2 with its eager, soft-capped attention;
+    Mistral with its sliding window): HF's masking keeps each packed sequence to itself, so the trainer's
+    check passes and packed log-probs equal padded ones."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from workers.logprobs import pack_rows, packing_agrees, sequence_logprobs
+    from workers.trainer import TrainerWorker
+
+    _build(arch, model_path, tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    prompts, responses = _inputs(tok)
+    prompts, responses = prompts + [prompts[0][:5]], responses + [responses[0][:2]]  # a short one to share a row
+    assert len(pack_rows(prompts, responses, tok.pad_token_id).ids) < len(prompts)
+    trainer = TrainerWorker(0, 1)
+    trainer.setup(str(tmp_path), {}, {"name": "dpo"}, seed=0)
+    model = trainer._model(trainer.weights).eval()
+    assert packing_agrees(model, trainer.pad_id)
+    with torch.no_grad():
+        padded, _ = sequence_logprobs(model, prompts, responses, trainer.pad_id)
+        packed, _ = sequence_logprobs(model, prompts, responses, trainer.pad_id, packed=True)
+    assert _max_diff(packed.tolist(), padded.tolist()) < 1e-4

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.logprobs import batched_sequence_logprobs, pack, sequence_logprobs
+from workers.logprobs import (
+    PROBE,
+    batched_sequence_logprobs,
+    pack,
+    pack_rows,
+    packing_agrees,
+    sequence_logprobs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +135,59 @@ def test_group_by_length_pads_less_and_keeps_order_random():
     assert padding(grouped) < 0.3 * padding(plain)
     firsts = [max(widths[i] for i in b) for b in grouped]
     assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)  # not globally sorted
+
+
+def test_pack_rows_shares_rows_and_restarts_positions():
+    """The probe's 10-, 5- and 4-token sequences: the 5 and a 4 share a row, each from position 0; the logit
+    columns kept are those predicting a response token, each owned by its sequence."""
+    b = pack_rows(*PROBE, pad_id=0)
+    assert b.ids.shape == (3, 10)
+    assert b.ids[1].tolist() == [11, 12, 13, 21, 22, 9, 10, 19, 20, 0]
+    assert b.pos[1].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 0]  # two sequences, then the padding's own block
+    owned = {(r, int(b.cols[j])): int(b.owner[r, j]) for r in range(3) for j in range(len(b.cols))}
+    assert {k: v for k, v in owned.items() if v >= 0 and k[0] == 1} == {(1, 2): 2, (1, 3): 2, (1, 6): 1, (1, 7): 1}
+    assert sorted(v for v in owned.values() if v >= 0) == sorted(i for i, r in enumerate(PROBE[1]) for _ in r)
+
+
+def test_packed_logprobs_and_gradients_equal_padded(model_and_tok):
+    """Bin-packed rows give every sequence the log-prob and the gradient it gets alone in a padded row."""
+    model, tok = model_and_tok
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16], [17], [18, 19, 20, 21], [22, 23]]
+    responses = [[30, 31, 32], [33, 34, 35, 36, 37], [], [38, 39], [40], [41, 42, 43, 44, 45, 46]]
+    weights = torch.arange(1.0, 7.0)
+    grads = {}
+    for packed in (False, True):
+        model.zero_grad()
+        lp, lens = sequence_logprobs(model, prompts, responses, tok.pad_token_id, packed)
+        (lp * weights).sum().backward()
+        grads[packed] = (lp.detach(), lens, [p.grad.clone() for p in model.parameters()])
+    assert grads[True][0].tolist() == pytest.approx(grads[False][0].tolist(), abs=1e-5)
+    assert grads[True][1].tolist() == grads[False][1].tolist()
+    assert grads[True][0][2] == 0.0  # the empty response
+    for a, b in zip(grads[True][2], grads[False][2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+    assert len(pack_rows(prompts, responses, tok.pad_token_id).ids) < len(prompts)  # it did pack
+
+
+class IgnoresPositionIds(torch.nn.Module):
+    """A causal LM that takes position ids and drops them (a custom model that would silently attend
+    across the sequences of a packed row)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=0):
+        return self.inner(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, logits_to_keep=logits_to_keep
+        )
+
+
+def test_packing_check_refuses_a_model_that_attends_across_sequences(model_and_tok):
+    model, tok = model_and_tok
+    assert packing_agrees(model, tok.pad_token_id)
+    assert not packing_agrees(IgnoresPositionIds(model), tok.pad_token_id)
+    model.train()
+    assert packing_agrees(model, tok.pad_token_id) and model.training  # the mode it found, restored
+    model.eval()

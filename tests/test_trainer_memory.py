@@ -111,15 +111,16 @@ def test_an_iteration_frees_its_engine_before_it_returns(trained):
     assert trained["modules"] == 0
 
 
-def _train_checkpointed(rank: int, model_path: str, checkpointing: bool, port: int, out: str) -> None:
+def _train_with(rank: int, model_path: str, settings: dict, port: int, out: str) -> None:
+    """One DPO iteration in a spawned DeepSpeed rank with `settings` in the train section: the weights it
+    reaches, its loss, and how often the first decoder layer ran in training mode."""
     torch.set_num_threads(1)
     from common.records import PreferenceBatch, PreferenceGroup
     from workers.trainer import TrainerWorker
 
     t = TrainerWorker(0, 1)
     t.connect("127.0.0.1", port)
-    cfg = {"micro_batch_size": 2, "lr": 1e-2, "gradient_checkpointing": checkpointing}
-    t.setup(model_path, cfg, {"name": "dpo"}, 0)
+    t.setup(model_path, {"micro_batch_size": 2, "lr": 1e-2, **settings}, {"name": "dpo"}, 0)
     build, layer_calls = t._model, []
 
     def counted(weights):  # a spy: how often the first decoder layer trains (twice a step when checkpointed)
@@ -128,33 +129,73 @@ def _train_checkpointed(rank: int, model_path: str, checkpointing: bool, port: i
         return model
 
     t._model = counted
-    groups = [PreferenceGroup(i, [5, 6, 7 + i], [[8, 9, 10], [11, 12]], [1.0, 0.0]) for i in range(4)]
-    steps = t.train(PreferenceBatch(groups), 1)["steps"]
-    torch.save({"after": t.weights, "layer_calls": len(layer_calls), "steps": steps}, out)
+    from workers import logprobs
+
+    packed_calls, packed_forward = [], logprobs.packed_sequence_logprobs
+
+    def spied(*args, **kwargs):  # a spy: forwards in bin-packed rows (the packing check's two included)
+        packed_calls.append(1)
+        return packed_forward(*args, **kwargs)
+
+    logprobs.packed_sequence_logprobs = spied
+    groups = [  # prompts and responses of several lengths, so that packing shares rows
+        PreferenceGroup(i, [5, 6, 7 + i][: 1 + i % 3], [[8, 9, 10][: 1 + i % 3], [11, 12, 13, 14][i % 2 :]], [1.0, 0.0])
+        for i in range(4)
+    ]
+    res = t.train(PreferenceBatch(groups), 1)
+    torch.save(
+        {
+            "after": t.weights,
+            "layer_calls": len(layer_calls),
+            "packed_calls": len(packed_calls),
+            "steps": res["steps"],
+            "loss": res["loss"],
+        },
+        out,
+    )
+
+
+def _trained_with(model_path: str, tmp_path, name: str, settings: dict) -> dict:
+    import torch.multiprocessing as mp
+
+    from workers.trainer import free_port
+
+    sys.path.insert(0, os.path.dirname(__file__))  # the spawned rank imports this module
+    out = str(tmp_path / f"{name}.pt")
+    mp.start_processes(
+        _train_with, args=(model_path, settings, free_port(), out), nprocs=1, join=True, start_method="spawn"
+    )
+    return torch.load(out)
 
 
 @pytest.mark.slow
 def test_gradient_checkpointing_recomputes_and_trains_to_the_same_weights(model_path, tmp_path):
     """`train.gradient_checkpointing` (the memory setting) keeps only each layer's input through DeepSpeed's
     forward and recomputes the layer in the backward pass: the same weights, each layer run twice a step."""
-    import torch.multiprocessing as mp
-
-    from workers.trainer import free_port
-
-    sys.path.insert(0, os.path.dirname(__file__))  # the spawned rank imports this module
-    res = {}
-    for on in (False, True):
-        out = str(tmp_path / f"weights-{on}.pt")
-        mp.start_processes(
-            _train_checkpointed, args=(model_path, on, free_port(), out), nprocs=1, join=True, start_method="spawn"
-        )
-        res[on] = torch.load(out)
+    res = {on: _trained_with(model_path, tmp_path, f"gc-{on}", {"gradient_checkpointing": on}) for on in (False, True)}
     steps = res[True]["steps"]
     assert steps == res[False]["steps"] > 0
     assert res[False]["layer_calls"] == steps
     assert res[True]["layer_calls"] == 2 * steps
     for k, v in res[False]["after"].items():
         torch.testing.assert_close(res[True]["after"][k], v, rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_packing_trains_to_the_same_weights(model_path, tmp_path):
+    """`train.packing` through DeepSpeed: the micro-batches' sequences bin-packed into shared rows train the
+    model as padded rows do: the same loss at every step to 1e-5, and the same weights to 1e-4 (1% of the
+    learning rate: Adam divides each gradient by its own size, so the rounding of other matmul shapes
+    moves a near-zero gradient's update by up to 2.8e-5 here)."""
+    padded = _trained_with(model_path, tmp_path, "padded", {"packing": False})
+    packed = _trained_with(model_path, tmp_path, "packed", {"packing": True})
+    assert packed["steps"] == padded["steps"] > 0
+    assert padded["packed_calls"] == 0 and packed["packed_calls"] > packed["steps"]  # trained packed
+    assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-5)
+    for k, v in padded["after"].items():
+        if k.endswith("k_proj.bias"):  # its true gradient is 0 (softmax ignores a shift): Adam scales noise
+            continue
+        torch.testing.assert_close(packed["after"][k], v, rtol=0, atol=1e-4, msg=k)
 
 
 FRAGMENT = r"""

@@ -29,7 +29,7 @@ from common.methods import Method, get_method
 from common.records import PreferenceBatch, PreferenceGroup
 from common.ticker import Ticker
 from workers import heap
-from workers.logprobs import batched_sequence_logprobs, sequence_logprobs
+from workers.logprobs import batched_sequence_logprobs, packing_agrees, sequence_logprobs
 from workers.losses import LOSSES, LossInputs, wdpo_weights
 
 StateDict = dict[str, torch.Tensor]
@@ -72,12 +72,13 @@ def loss_inputs(
     pad_id: int,
     ref_logps: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    packed: bool = False,
 ) -> LossInputs:
     """The loss inputs of one micro-batch: policy log-probs of every group's responses (with gradient),
     their lengths and rewards, the given reference log-probs and pair weights, and, for methods that score
     the dataset's target (SLiC-HF's y_ref), log pi(y_ref | x)."""
     k = len(groups[0].responses)
-    logps, lengths = sequence_logprobs(model, *flatten(groups), pad_id)
+    logps, lengths = sequence_logprobs(model, *flatten(groups), pad_id, packed)
     device = logps.device
     inputs = LossInputs(
         logps=logps.view(len(groups), k),
@@ -91,7 +92,7 @@ def loss_inputs(
         if missing:
             raise ValueError(f"{method.name} needs each prompt's SFT target; prompts {missing[:5]} have none")
         inputs.sft_logps, _ = sequence_logprobs(
-            model, [g.prompt_ids for g in groups], [g.sft_ids for g in groups], pad_id
+            model, [g.prompt_ids for g in groups], [g.sft_ids for g in groups], pad_id, packed
         )
     return inputs
 
@@ -452,6 +453,7 @@ class TrainerWorker:
         )
         ref_logps, from_rollout = self._reference_logps(shard, iteration) if self.method.needs_reference else (None, 0)
         model = self._model(self.weights)
+        packed = self.train_cfg.packing and self._packing_works(model)
         if self.train_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
@@ -466,7 +468,7 @@ class TrainerWorker:
         # last checkpoint), as the driver does for any failed training call.
         keys, kept = list(self.weights), self._untrained(model)
         self.weights = {}
-        losses, stats = self._fit(engine, shard, ref_logps, weights, iteration, progress)
+        losses, stats = self._fit(engine, shard, ref_logps, weights, iteration, progress, packed)
         self.weights = self._gather(engine, keys, kept)
         release(engine)
         del engine, model
@@ -487,6 +489,7 @@ class TrainerWorker:
         weights: torch.Tensor | None,
         iteration: int,
         progress: Ticker | None,
+        packed: bool = False,
     ) -> tuple[list[float], dict[str, list[float]]]:
         """`epochs` over the shard, one optimizer step per micro-batch; returns each step's loss and the
         loss's per-item statistics. Its own frame holds the last step's loss and graph, so they are gone
@@ -506,6 +509,7 @@ class TrainerWorker:
                     self.pad_id,
                     ref_logps[idx] if ref_logps is not None else None,
                     weights[idx] if weights is not None else None,
+                    packed,
                 )
                 per_item, item_stats = LOSSES[self.method.loss](inputs, self.algo_cfg)
                 loss = per_item.mean()
@@ -517,6 +521,20 @@ class TrainerWorker:
                     stats.setdefault(key, []).extend(val.float().cpu().tolist())
         tick.flush()
         return losses, stats
+
+    def _packing_works(self, model: torch.nn.Module) -> bool:
+        """`train.packing`: whether this model computes packed rows as padded ones (asked once per run)."""
+        if getattr(self, "_packing_ok", None) is None:
+            self._packing_ok = packing_agrees(model, self.pad_id)
+            if not self._packing_ok and self.rank == 0:
+                import warnings
+
+                warnings.warn(
+                    f"train.packing: {type(model).__name__} gives packed rows other log-probs than padded ones "
+                    "(it does not keep attention inside each sequence from the position ids); training padded",
+                    stacklevel=2,
+                )
+        return self._packing_ok
 
     def _reference_logps(self, shard: list[PreferenceGroup], iteration: int) -> tuple[torch.Tensor, int]:
         """Reference log-probs [groups, K] of the shard, with no grad, and how many came from the rollout.
