@@ -17,7 +17,7 @@ that each peak RSS is its own; the variants use the trainer's own code: `sequenc
                forward has no `logits_to_keep`);
 - fused_adam:  torch's fused AdamW (one pass over the weights per step, what the trainer asks DeepSpeed
                for) vs its per-tensor implementation;
-- packing (not adopted; a variant with the lever on): the micro-batch's sequences bin-packed into rows as
+- packing (train.packing, off by default; a variant with the lever on): the micro-batch's sequences bin-packed into rows as
                wide as its longest sequence, each restarting its positions (HF builds the block-diagonal
                causal mask from the position ids), so no padding between them vs one padded row each;
 - tcmalloc:    tcmalloc preloaded (train.cpu_preload_tcmalloc, as every CPU trainer rank starts) vs glibc's
@@ -96,7 +96,7 @@ def train_variant(
 
     from common.config import AlgorithmConfig
     from workers.heap import set_mmap_threshold
-    from workers.logprobs import batched_sequence_logprobs, sequence_logprobs
+    from workers.logprobs import batched_sequence_logprobs, bin_pack, packed_sequence_logprobs, sequence_logprobs
     from workers.losses import LossInputs, dpo_loss
     from workers.trainer import micro_batches
 
@@ -121,7 +121,7 @@ def train_variant(
         policy.train()
     else:
         ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    if packing:  # the prototype computes what the trainer computes (fp32: to float rounding)
+    if packing:  # train.packing's own packed path, checked against the padded one (fp32: to float rounding)
         with torch.no_grad():
             pk, pd = (
                 packed_sequence_logprobs(policy, prompts[:16], chosen[:16], pad),
@@ -170,7 +170,7 @@ def train_variant(
             for xs, ys in forwards:
                 seqs = [len(x) + len(y) for x, y in zip(xs, ys, strict=True)]
                 real += sum(seqs)
-                padded += max(seqs) * (len(bin_pack(seqs)) if packing else len(seqs))
+                padded += max(seqs) * (len(bin_pack(seqs, max(seqs))) if packing else len(seqs))
     secs = time.perf_counter() - t0
     return {
         "tokens_per_s": real / secs,
@@ -178,47 +178,6 @@ def train_variant(
         "pad_fraction": 1 - real / padded,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }
-
-
-def bin_pack(lengths: list[int]) -> list[list[int]]:
-    """First-fit decreasing: the indices of `lengths` in rows no wider than the longest."""
-    width, rows, fill = max(lengths), [], []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((k for k, f in enumerate(fill) if f + lengths[i] <= width), None)
-        if row is None:
-            rows.append([])
-            fill.append(0)
-            row = len(rows) - 1
-        rows[row].append(i)
-        fill[row] += lengths[i]
-    return rows
-
-
-def packed_sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
-    """`sequence_logprobs` over bin-packed rows: each sequence restarts its position ids, no attention mask,
-    so HF masks attention inside each sequence; logits of every column (the lever's prototype)."""
-    import torch
-
-    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-    rows = bin_pack([len(s) for s in seqs])
-    width = max(map(len, seqs))
-    ids = torch.full((len(rows), width), pad_id)
-    pos = torch.arange(width).repeat(len(rows), 1)
-    where = []  # (row, first logit column, sequence) of each response
-    for r, members in enumerate(rows):
-        o = 0
-        for i in members:
-            n = len(seqs[i])
-            ids[r, o : o + n] = torch.tensor(seqs[i])
-            pos[r, o:] = torch.arange(width - o)  # this sequence, then the row's padding after it
-            where.append((r, o + len(prompts[i]) - 1, i))
-            o += n
-    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
-    sums = [logits.new_zeros(())] * len(seqs)
-    for r, c, i in where:
-        lg, target = logits[r, c : c + len(responses[i])], ids[r, c + 1 : c + 1 + len(responses[i])]
-        sums[i] = (lg.gather(-1, target[:, None])[:, 0] - lg.logsumexp(-1)).sum()
-    return torch.stack(sums), torch.tensor([float(len(r)) for r in responses])
 
 
 ROLLOUT_VARIANTS = {
