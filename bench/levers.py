@@ -96,7 +96,7 @@ def train_variant(
 
     from common.config import AlgorithmConfig
     from workers.heap import set_mmap_threshold
-    from workers.logprobs import batched_sequence_logprobs, bin_pack, packed_sequence_logprobs, sequence_logprobs
+    from workers.logprobs import batched_sequence_logprobs, bin_pack, sequence_logprobs
     from workers.losses import LossInputs, dpo_loss
     from workers.trainer import micro_batches
 
@@ -124,7 +124,7 @@ def train_variant(
     if packing:  # train.packing's own packed path, checked against the padded one (fp32: to float rounding)
         with torch.no_grad():
             pk, pd = (
-                packed_sequence_logprobs(policy, prompts[:16], chosen[:16], pad),
+                sequence_logprobs(policy, prompts[:16], chosen[:16], pad, packed=True),
                 sequence_logprobs(policy, prompts[:16], chosen[:16], pad),
             )
         assert torch.allclose(pk[0], pd[0], atol=1e-3), (pk[0] - pd[0]).abs().max()
@@ -140,14 +140,8 @@ def train_variant(
         for idx in micro_batches(widths, MICRO_BATCH, random.Random(epoch), group_by_length):
             p = [prompts[i] for i in idx]
             c, r = [chosen[i] for i in idx], [rejected[i] for i in idx]
-            if packing:
-                lp, ln = packed_sequence_logprobs(policy, p + p, c + r, pad)
-                logps, lengths = (
-                    torch.stack([lp[: len(idx)], lp[len(idx) :]], 1),
-                    torch.stack([ln[: len(idx)], ln[len(idx) :]], 1),
-                )
-            elif concat:
-                lp, ln = sequence_logprobs(trained, p + p, c + r, pad)
+            if concat or packing:
+                lp, ln = sequence_logprobs(trained, p + p, c + r, pad, packing)
                 logps, lengths = (
                     torch.stack([lp[: len(idx)], lp[len(idx) :]], 1),
                     torch.stack([ln[: len(idx)], ln[len(idx) :]], 1),

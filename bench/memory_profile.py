@@ -5,10 +5,11 @@
 One TrainerWorker (world 1, ZeRO-2 on CPU, fp32, reference log-probs from the rollout) trains two DPO
 iterations on bench/throughput.py's pairs in this process, while a thread samples the resident set every
 few milliseconds. The first is a warm-up (DeepSpeed's op builds; one line in the table); the second is the
-profiled one, so what an iteration leaves behind shows in the next one's memory, as in a run. Each sample is labelled with the phase the trainer is in (wrapping the trainer's own
-steps: reference log-probs, DeepSpeed set-up, forward, backward, optimizer step, gather, release), so
-the table shows each phase's peak and what it adds over the memory before the model was loaded, and
-the seconds spent in it (summed over the micro-batches; the sampling thread costs a little of them).
+profiled one, so what an iteration leaves behind shows in the next one's memory, as in a run. Each sample
+is labelled with the phase the trainer is in (wrapping the trainer's own steps: reference log-probs,
+DeepSpeed set-up, forward, backward, optimizer step, gather, release), so the table shows each phase's
+peak and what it adds over the memory before the model was loaded, and the seconds spent in it (summed
+over the micro-batches; the sampling thread costs a little of them).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ P2 orchestration share of iteration wall time (pipeline run, 3 iterations).
 P3 weight-sync bandwidth: bytes / sync time vs a plain in-process copy of the same tensors.
 P5 rollout tokens/s: the vLLM actor vs HF `generate` on the same model and prompts.
 P6 peak trainer RSS: one of our trainer ranks vs TRL DPOTrainer with its resident reference model; P1 also
-with train.packing (sequences bin-packed into shared rows); P1 and P6 also with the memory setting (MEMORY_SETTING: gradient checkpointing, glibc's heap with a 128 KiB mmap
-threshold). Baseline: TRL's defaults (its DPOConfig checkpoints gradients by default); also TRL at equal
+with train.packing (sequences bin-packed into shared rows); P1 and P6 also with the memory setting
+(MEMORY_SETTING: gradient checkpointing, glibc's heap with a 128 KiB mmap threshold). Baseline: TRL's defaults (its DPOConfig checkpoints gradients by default); also TRL at equal
 settings: without checkpointing against our defaults (TRL_WITHOUT_CHECKPOINTING), with it and the same
 glibc threshold against the memory setting (TRL_MEMORY_SETTING). TRL's figures are its best of TRL_RUNS
 runs (its time and its peak memory vary from run to run).

@@ -41,11 +41,16 @@ class Packed:
         return Packed(self.ids.to(device), self.attn.to(device), self.target.to(device), self.start)
 
 
-def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Packed:
-    """The rows right-padded to the longest prompt + response (no more padding than that)."""
+def _joined(prompts: list[list[int]], responses: list[list[int]]) -> list[list[int]]:
+    """Each prompt + response; a response's first token is predicted from its prompt's last column."""
     if any(not p for p in prompts):
         raise ValueError("an empty prompt has no column to predict its response's first token from")
-    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+    return [p + r for p, r in zip(prompts, responses, strict=True)]
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Packed:
+    """The rows right-padded to the longest prompt + response (no more padding than that)."""
+    seqs = _joined(prompts, responses)
     ids, attn = right_pad(seqs, pad_id)
     start = min(len(p) for p in prompts) - 1
     target = torch.zeros((len(seqs), ids.shape[1] - 1 - start), dtype=torch.bool)
@@ -63,6 +68,21 @@ def _keeps_logits(model: torch.nn.Module) -> bool:
     """Whether the model's forward takes `logits_to_keep` (HF causal LMs do; a DeepSpeed engine passes it on).
     Asked once per model class, not at every micro-batch."""
     return _forward_keeps_logits(type(getattr(model, "module", model)))
+
+
+def _logits_at(model: torch.nn.Module, kwargs: dict, keep: int | torch.Tensor) -> torch.Tensor:
+    """The model's logits at the kept columns only: the last `keep` (an int) or those indexed (a tensor);
+    HF's `logits_to_keep` where the forward takes it, else every column's logits, then sliced."""
+    if _keeps_logits(model):
+        return model(**kwargs, logits_to_keep=keep).logits
+    logits = model(**kwargs).logits
+    return logits[:, -keep:] if isinstance(keep, int) else logits[:, keep]
+
+
+def _token_logps(logits: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    """log pi(next token) at each kept column, in fp32."""
+    logits = logits.float()
+    return logits.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def sequence_logprobs(
@@ -83,14 +103,9 @@ def sequence_logprobs(
     device = next(model.parameters()).device
     b = pack(prompts, responses, pad_id).to(device)
     kwargs = {"input_ids": b.ids, "attention_mask": b.attn, "use_cache": False}
-    if _keeps_logits(model):
-        logits = model(**kwargs, logits_to_keep=b.ids.shape[1] - b.start).logits  # columns start .. end
-    else:
-        logits = model(**kwargs).logits[:, b.start :]
-    logits = logits[:, :-1].float()  # the last column predicts past the end
-    next_ids = b.ids[:, b.start + 1 :]
-    token_logps = logits.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    token_logps = token_logps * b.target
+    logits = _logits_at(model, kwargs, b.ids.shape[1] - b.start)  # columns start .. end
+    # the last column predicts past the end
+    token_logps = _token_logps(logits[:, :-1], b.ids[:, b.start + 1 :]) * b.target
     return token_logps.sum(-1), b.target.sum(-1).to(token_logps.dtype)
 
 
@@ -125,9 +140,8 @@ class PackedRows:
 
 
 def pack_rows(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> PackedRows:
-    if any(not p for p in prompts):
-        raise ValueError("an empty prompt has no column to predict its response's first token from")
-    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+    """The sequences bin-packed into rows as wide as the longest (see `PackedRows`)."""
+    seqs = _joined(prompts, responses)
     width = max(map(len, seqs))
     rows = bin_pack([len(s) for s in seqs], width)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -156,13 +170,7 @@ def packed_sequence_logprobs(
     if b.cols.numel() == 0:  # every response empty
         return lengths * 0, lengths
     kwargs = {"input_ids": b.ids, "position_ids": b.pos, "use_cache": False}
-    if _keeps_logits(model):
-        logits = model(**kwargs, logits_to_keep=b.cols).logits
-    else:
-        logits = model(**kwargs).logits[:, b.cols]
-    logits = logits.float()
-    next_ids = b.ids[:, b.cols + 1]
-    token_logps = logits.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    token_logps = _token_logps(_logits_at(model, kwargs, b.cols), b.ids[:, b.cols + 1])
     scored = b.owner >= 0
     sums = token_logps.new_zeros(len(responses)).index_add(0, b.owner[scored], token_logps[scored])
     return sums, lengths

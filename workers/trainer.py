@@ -337,6 +337,7 @@ class TrainerWorker:
         self.rank, self.world, self.timeout_s = rank, world, timeout_s
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.rss_start_mb = _peak_rss_mb()
+        self._packing_ok: bool | None = None  # train.packing: whether the model honours it (asked once per run)
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0: this node's IP and a port free on it, for the group's env:// store."""
@@ -524,7 +525,7 @@ class TrainerWorker:
 
     def _packing_works(self, model: torch.nn.Module) -> bool:
         """`train.packing`: whether this model computes packed rows as padded ones (asked once per run)."""
-        if getattr(self, "_packing_ok", None) is None:
+        if self._packing_ok is None:
             self._packing_ok = packing_agrees(model, self.pad_id)
             if not self._packing_ok and self.rank == 0:
                 import warnings
