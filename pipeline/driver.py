@@ -369,12 +369,12 @@ def start_workers(cfg: RunConfig, model_path: str) -> Workers:
 
 
 def make_reward_actor(cfg: RunConfig):
-    from rewards.actor import RewardWorker
+    from rewards.actor import RewardWorker, reward_actor_options
 
     reward = cfg.reward
     if reward.kind == "model":
         reward = reward.model_copy(update={"model_path": resolve_reward_model(cfg)})
-    return ray.remote(RewardWorker).options(num_cpus=reward.num_cpus, num_gpus=reward.num_gpus).remote(reward)
+    return ray.remote(RewardWorker).options(**reward_actor_options(reward)).remote(reward)
 
 
 def run_with_workers(prep: Prepared, workers: Workers, console: Console | None = None) -> list[dict]:

@@ -4,7 +4,8 @@ Each vLLM engine's tensor-parallel group must sit on one node (a STRICT_PACK pla
 GPU bundles); trainer ranks and the reward actor can go anywhere. `onalign run --dry-run` prints the
 plan against the connected cluster (or this machine) and refuses one that cannot fit, or that could
 never run: two ranks of one NCCL communicator (DeepSpeed's ranks; the NCCL weight sync's trainer rank 0
-and engine workers; an engine's TP workers) must not share a GPU, so their GPU shares are whole GPUs.
+and engine workers; an engine's TP workers) must not share a GPU, so their GPU shares are whole GPUs; and the
+CPU weight sync reaches only engines whose weights live in the engine actor's own process (TP 1).
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ def check(cfg: RunConfig) -> None:
             "NCCL ranks on one GPU, which NCCL refuses; give each rank a whole GPU (train.num_gpus=1)"
         )
     backend = resolve_backend(cfg.sync, r.num_gpus > 0, t.num_gpus > 0)
+    if backend != "nccl" and tp > 1:
+        problems.append(
+            f"the CPU weight sync (sync.backend={cfg.sync.backend}) cannot feed engines with "
+            f"rollout.tensor_parallel_size={tp}: its backend runs in the engine actor's process, while the weights of "
+            "a tensor-parallel engine sit in vLLM's Ray workers; use GPU trainers with sync.backend=nccl, or "
+            "rollout.tensor_parallel_size=1"
+        )
     if backend == "nccl" and not (r.num_gpus > 0 and t.num_gpus > 0):
         problems.append(
             f"sync.backend=nccl needs GPUs on both sides (rollout.num_gpus={r.num_gpus:g}, "

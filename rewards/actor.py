@@ -17,12 +17,19 @@ import statistics
 import numpy as np
 
 from common.config import AlgorithmConfig, RewardConfig, SelectionConfig
+from common.devices import hidden_gpus_env
 from common.methods import get_method
 from common.records import PreferenceBatch, PreferenceGroup, Rollout
 from common.ticker import Ticker
 from rewards.pairs import GROUP_BUILDERS
 from rewards.scorers import make_scorer, score
 from rewards.selection import prompt_score, select_prompts
+
+
+def reward_actor_options(cfg: RewardConfig) -> dict:
+    """Ray options of the reward actor: its resources, and no visible GPU when it is given none."""
+    env = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"} | hidden_gpus_env(cfg.num_gpus)
+    return {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "runtime_env": {"env_vars": env}}
 
 
 class RewardWorker:

@@ -2,7 +2,7 @@
 
 The conversation (user prompt, assistant response) goes through the reward model's *own* chat template,
 is scored in batches sorted by length (little padding), and the scores come back in input order. fp32
-on CPU, bf16 on GPU. Weights load from safetensors only; remote code only when the config allows it.
+on CPU, bf16 on GPU (as `reward.num_gpus` places it). Weights load from safetensors only; remote code only when the config allows it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 
 from common.batching import length_sorted_batches, right_pad
 from common.config import RewardConfig
+from common.devices import plan_device
 
 
 class ModelScorer:
@@ -18,7 +19,7 @@ class ModelScorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = cfg.model_path  # a directory or Hub name: the driver has already built `builtin:tiny-rm`
-        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.device = plan_device(cfg.num_gpus, "the reward model (reward.num_gpus)")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         self.model = AutoModelForSequenceClassification.from_pretrained(

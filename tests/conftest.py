@@ -50,16 +50,34 @@ def model_path() -> str:
     return str(tiny_model_path())
 
 
+# `ONALIGN_TEST_GPU_HOST=1 make test`: the whole suite on a simulated GPU host (tests/gpu_host.py): the test
+# process and every Ray worker believe a CUDA device is visible; every actor must still compute where the plan
+# puts it.
+SIMULATED_GPU_HOST = os.environ.get("ONALIGN_TEST_GPU_HOST") == "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def simulated_gpu_host():
+    if SIMULATED_GPU_HOST:  # after collection, so the `gpu` tests stay skipped
+        from gpu_host import pretend_gpu_host
+
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+        pretend_gpu_host()
+    yield
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=1 << 30,
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}},
-    )
+    env_vars = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    if SIMULATED_GPU_HOST:
+        from gpu_host import ray_runtime_env
+
+        runtime_env = ray_runtime_env(env_vars)
+    else:
+        runtime_env = {"env_vars": env_vars}
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1 << 30, runtime_env=runtime_env)
     yield
     ray.shutdown()
 

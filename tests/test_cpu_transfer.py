@@ -44,3 +44,27 @@ def test_buckets_respect_the_size_and_keep_order():
     assert [len(names) for names, _ in out] == [3, 3, 3, 1]
     assert [n for names, _ in out for n in names] == list(w)
     assert [len(names) for names, _ in buckets(w, 1)] == [1] * 10  # a tensor larger than the bucket goes alone
+
+
+@pytest.mark.slow
+def test_the_sync_client_drives_every_engine_method_it_names(workers, model_path):
+    """Issue 28, fault 6: `EngineRanksClient` (vLLM's weight-sync client protocol over our engine actors) calls
+    only methods the engine actor has: the whole lifecycle with a weight version, then the release of the
+    trainer connection, on the real engine (CPU backend; the NCCL path calls the same methods)."""
+    import ray
+    from safetensors.torch import load_file
+
+    from workers.nccl_client import EngineRanksClient
+
+    weights = {}
+    for f in sorted(__import__("pathlib").Path(model_path).glob("*.safetensors")):
+        weights.update(load_file(f))
+    weights.pop("lm_head.weight", None)  # tied: sent once, as the embedding
+    client = EngineRanksClient(workers.rollouts)
+    client.start_weight_update()
+    client.update_weights({"names": list(weights), "tensors": list(weights.values())})
+    client.finish_weight_update("iteration-7")
+    assert ray.get([e.weight_version.remote() for e in workers.rollouts]) == ["iteration-7"] * len(workers.rollouts)
+    client.update_weight_version("iteration-8")
+    assert ray.get(workers.rollouts[0].weight_version.remote()) == "iteration-8"
+    client.shutdown_weight_transfer_engine()  # the CPU backend holds no connection: a no-op that must exist

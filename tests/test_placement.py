@@ -101,3 +101,13 @@ def test_tensor_parallel_engine_reserves_its_cpus_per_worker():
     with pytest.raises(PlanError, match="no node has 4 GPU and 8 CPU left for rollout engine 0"):
         fit(cfg, [{"CPU": 7, "GPU": 8}])
     assert len(fit(cfg, [{"CPU": 9, "GPU": 8}])) == 4
+
+
+def test_cpu_weight_sync_with_tensor_parallel_engines_is_refused():
+    """Issue 28, fault 4: the `onalign_cpu` backend lives in the engine actor's process; with TP > 1 the engine's
+    weights sit in vLLM's Ray TP workers, which have no such backend ("Invalid weight transfer backend")."""
+    for sync in (["sync.backend=cpu", "train.num_gpus=1"], ["sync.backend=auto", "train.num_gpus=0"]):
+        cfg = load_config(PRESET, ["rollout.tensor_parallel_size=2", "rollout.num_gpus=1", *sync])
+        with pytest.raises(PlanError, match="CPU weight sync .*tensor_parallel_size=2: .*sync.backend=nccl"):
+            dry_run(cfg)
+    dry_run(load_config(PRESET, ["rollout.tensor_parallel_size=2", "rollout.num_gpus=1", "sync.backend=nccl"]))

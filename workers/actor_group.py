@@ -7,13 +7,14 @@ from typing import Any
 import ray
 
 from common.config import TrainConfig
+from common.devices import hidden_gpus_env
 from workers.heap import tcmalloc_preload
 
 
 def trainer_env(t: TrainConfig) -> dict[str, str]:
-    """A trainer rank's start-up environment: one OpenMP thread per rank, quiet libraries, and on CPU
-    DeepSpeed's CPU accelerator and tcmalloc preloaded when installed (`train.cpu_preload_tcmalloc`)."""
-    env = {
+    """A trainer rank's start-up environment: one OpenMP thread per rank, quiet libraries, and on CPU no
+    visible GPU, DeepSpeed's CPU accelerator and tcmalloc preloaded when installed (`train.cpu_preload_tcmalloc`)."""
+    env = hidden_gpus_env(t.num_gpus) | {
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "TRANSFORMERS_VERBOSITY": "error",
@@ -43,7 +44,7 @@ class TrainerGroup:
             num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env}, max_concurrency=1
         )
         self.world = world
-        self.actors = [cls.remote(rank, world, timeout_s) for rank in range(world)]
+        self.actors = [cls.remote(rank, world, timeout_s, num_gpus) for rank in range(world)]
         try:
             self.master_addr, self.master_port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:

@@ -64,6 +64,8 @@ class EngineRanksClient:
         self._all("update_weights", WeightTransferUpdateRequest(update_info=update_info))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._all("finish_weight_update")
-        if weight_version is not None:
-            self._all("update_weight_version", weight_version)
+        self._all("finish_weight_update", weight_version)
+
+    def update_weight_version(self, weight_version: str) -> None:
+        """Label the weights every engine holds now, without an update."""
+        self._all("update_weight_version", weight_version)

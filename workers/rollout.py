@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass, field
 
 from common.config import RolloutConfig
+from common.devices import hidden_gpus_env
 from common.records import Rollout
 from common.ticker import Ticker
 from workers.heap import tcmalloc_preload
@@ -30,12 +32,13 @@ ENGINE_ENV = {
 
 
 def engine_env(rc: RolloutConfig) -> dict[str, str]:
-    """The engine actor's environment: ENGINE_ENV, plus, for a CPU engine, tcmalloc in LD_PRELOAD when it is
+    """The engine actor's environment: ENGINE_ENV, plus, for a CPU engine, no visible GPU and tcmalloc in
+    LD_PRELOAD when it is
     installed (vLLM's CPU backend warns at every start without it; a preload must be in the environment the
     process starts with, hence here). Intel OpenMP, which vLLM also suggests, is left out: bench/levers.py
     measured no consistent gain from it (1.03x in one run, 0.6-0.75x in runs beside other jobs), and it
     puts a second OpenMP runtime beside torch's in the process."""
-    env = dict(ENGINE_ENV)
+    env = ENGINE_ENV | hidden_gpus_env(rc.num_gpus)
     if rc.num_gpus == 0 and rc.cpu_preload_tcmalloc:
         env.update(tcmalloc_preload())
     return env
@@ -77,6 +80,42 @@ def cpu_batched_tokens(rc: RolloutConfig) -> int:
     return rc.max_num_batched_tokens or max(8192, rc.max_model_len, rc.max_num_seqs or 0)
 
 
+@dataclass
+class EngineSettings:
+    """How one engine is built, decided from the plan alone (`rollout.num_gpus`), never from what torch sees."""
+
+    on_gpu: bool
+    kwargs: dict = field(default_factory=dict)  # for vLLM's `LLM(...)`, beside the model and the rollout section
+
+
+def engine_settings(rc: RolloutConfig, sync_backend: str) -> EngineSettings:
+    """vLLM's settings for an engine of the plan: its weight-transfer backend, and its memory and scheduler
+    settings for a CPU or a GPU engine."""
+    on_gpu = rc.num_gpus > 0
+    kwargs: dict = {"weight_transfer_config": {"backend": sync_backend if sync_backend == "nccl" else _cpu_backend()}}
+    if not on_gpu:
+        kwargs["kv_cache_memory_bytes"] = int(rc.kv_cache_mb) * 2**20
+        # Chunked prefill rewinds seeded samplers with Generator.set_offset, which CPU generators lack
+        # ("CPU Generator does not use offset"): prefill whole prompts instead.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = cpu_batched_tokens(rc)
+    else:
+        if rc.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = rc.max_num_batched_tokens
+        kwargs["gpu_memory_utilization"] = rc.gpu_memory_utilization
+        if rc.tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "ray"  # TP workers in this actor's placement group
+    return EngineSettings(on_gpu, kwargs)
+
+
+def _cpu_backend() -> str:
+    """The CPU object-store backend (also for GPU engines fed by CPU trainers), registered in this process."""
+    from workers import cpu_transfer
+
+    cpu_transfer.register()
+    return cpu_transfer.BACKEND
+
+
 class RolloutWorker:
     def __init__(
         self,
@@ -91,29 +130,10 @@ class RolloutWorker:
         import torch
         from vllm import LLM
 
-        kwargs: dict = {}
-        from workers import cpu_transfer
-
-        if sync_backend != "nccl":  # the CPU object-store path (also for GPU engines fed by CPU trainers)
-            cpu_transfer.register()
-            kwargs["weight_transfer_config"] = {"backend": cpu_transfer.BACKEND}
-        else:
-            kwargs["weight_transfer_config"] = {"backend": "nccl"}
-        if not torch.cuda.is_available():
-            kwargs["kv_cache_memory_bytes"] = int(rc.kv_cache_mb) * 2**20
+        settings = engine_settings(rc, sync_backend)
+        if not settings.on_gpu:
             # before vLLM pins the thread count; Ray set it to the actor's num_cpus
-            engines = rc.num_engines
-            torch.set_num_threads(rc.cpu_threads or max(1, (os.cpu_count() or 1) // engines))
-            # Chunked prefill rewinds seeded samplers with Generator.set_offset, which CPU generators lack
-            # ("CPU Generator does not use offset"): prefill whole prompts instead.
-            kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = cpu_batched_tokens(rc)
-        else:
-            if rc.max_num_batched_tokens is not None:
-                kwargs["max_num_batched_tokens"] = rc.max_num_batched_tokens
-            kwargs["gpu_memory_utilization"] = rc.gpu_memory_utilization
-            if rc.tensor_parallel_size > 1:
-                kwargs["distributed_executor_backend"] = "ray"  # TP workers in this actor's placement group
+            torch.set_num_threads(rc.cpu_threads or max(1, (os.cpu_count() or 1) // rc.num_engines))
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -123,10 +143,10 @@ class RolloutWorker:
             seed=seed,
             enable_prefix_caching=rc.enable_prefix_caching,
             max_num_seqs=rc.max_num_seqs,  # None: vLLM's default for the platform
-            **kwargs,
+            **settings.kwargs,
         )
-        if not torch.cuda.is_available():
-            self.llm.init_weight_transfer_engine({"init_info": {}})
+        if sync_backend != "nccl":
+            self.llm.init_weight_transfer_engine({"init_info": {}})  # no rendezvous: the object store
 
     def scheduler_limits(self) -> dict[str, int]:
         """The sequences this engine decodes together and the tokens a step may process, as vLLM set them."""
@@ -216,9 +236,21 @@ class RolloutWorker:
     def update_weights(self, request) -> None:
         self.llm.update_weights(request)
 
-    def finish_weight_update(self) -> None:
-        self.llm.finish_weight_update()
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        """End the update; `weight_version` labels the weights now loaded (`weight_version()` reads it back)."""
+        self.llm.finish_weight_update(weight_version)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        """Release the trainer connection (the NCCL group) without stopping the engine."""
+        self.llm.shutdown_weight_transfer_engine()
+
+    def update_weight_version(self, weight_version: str) -> None:
+        self.llm.update_weight_version(weight_version)
+
+    def weight_version(self) -> str | None:
+        """The label of the weights this engine samples from (set by the last update)."""
+        return self.llm.get_weight_version()
 
     def load_weights(self, wire: dict, bucket_mb: int = 256) -> int:
         """CPU sync path: HF-named tensors (`cpu_transfer.to_wire` form), bucketed, through the same

@@ -326,16 +326,19 @@ def state_dict_source(trainer: TrainerWorker, dtype: torch.dtype, device: torch.
 
 
 class TrainerWorker:
-    def __init__(self, rank: int, world: int, timeout_s: float = 1800) -> None:
+    def __init__(self, rank: int, world: int, timeout_s: float = 1800, num_gpus: float = 0) -> None:
         """The process group is not formed here: `TrainerGroup` asks rank 0 for `rendezvous_address`, then
-        every rank `connect`s there (torch's env:// store is served by rank 0, wherever Ray placed it)."""
+        every rank `connect`s there (torch's env:// store is served by rank 0, wherever Ray placed it).
+        `num_gpus`: this rank's share in the plan, which alone decides its device (`common.devices`)."""
+        from common.devices import plan_device
+
         os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world))
-        self.cuda = torch.cuda.is_available()
+        self.device = plan_device(num_gpus, f"trainer rank {rank}")
+        self.cuda = self.device.type == "cuda"
         if not self.cuda:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            os.environ["DS_ACCELERATOR"] = "cpu"
             torch.set_num_threads(1)
         self.rank, self.world, self.timeout_s = rank, world, timeout_s
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.rss_start_mb = _peak_rss_mb()
         self._packing_ok: bool | None = None  # train.packing: whether the model honours it (asked once per run)
 
@@ -412,10 +415,18 @@ class TrainerWorker:
 
     # ------------------------------------------------------------ models
     def _model(self, weights: StateDict) -> torch.nn.Module:
-        """An HF module over `weights`' own tensors: built on the meta device (no random initialisation, no
-        second copy of the weights), then the tensors assigned and the tied head re-tied. It never writes
-        them: `train` hands the module to DeepSpeed, which copies the parameters into its own flat buffers
-        (ZeRO-2) or partitions (ZeRO-3) before any update; bf16 and a GPU make their own copies."""
+        """The module that trains and scores: `_fp32_module` in bf16 under `train.bf16`, on this rank's device
+        (bf16 and a GPU make their own copies of the weights)."""
+        model = self._fp32_module(weights)
+        if self.train_cfg.bf16:
+            model = model.to(torch.bfloat16)
+        return model.to(self.device)
+
+    def _fp32_module(self, weights: StateDict) -> torch.nn.Module:
+        """An HF module over `weights`' own fp32 tensors on the CPU: built on the meta device (no random
+        initialisation, no second copy of the weights), then the tensors assigned and the tied head re-tied.
+        It never writes them: `train` hands the module to DeepSpeed, which copies the parameters into its own
+        flat buffers (ZeRO-2) or partitions (ZeRO-3) before any update."""
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
@@ -428,9 +439,7 @@ class TrainerWorker:
         empty = [name for name, p in model.named_parameters() if p.is_meta]
         if empty:
             raise ValueError(f"the policy's weights lack {empty[:5]}: not a checkpoint of {self.model_path}")
-        if self.train_cfg.bf16:
-            model = model.to(torch.bfloat16)
-        return model.to(self.device)
+        return model
 
     def sequence_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
         """log pi(y|x) of the current policy (used to check weight sync)."""
@@ -658,13 +667,15 @@ class TrainerWorker:
         return to_wire(self.sync_weights())
 
     def save(self, path: str) -> None:
-        """Checkpoint: `path/policy` (HF model dir, safetensors + tokenizer) and APO's previous iterate."""
+        """Checkpoint: `path/policy` (HF model dir, safetensors + tokenizer) and APO's previous iterate, in fp32
+        whatever `train.bf16` says: the fp32 masters are the policy, and a run resumed from their bf16 rounding
+        would not continue the run that stopped."""
         if self.rank != 0:
             return
         from safetensors.torch import save_file
         from transformers import AutoTokenizer
 
-        model = self._model(self.weights)
+        model = self._fp32_module(self.weights)
         policy = os.path.join(path, "policy")
         model.save_pretrained(policy, safe_serialization=True)
         AutoTokenizer.from_pretrained(self.model_path).save_pretrained(policy)
