@@ -199,8 +199,10 @@ def prepare(cfg: RunConfig) -> Prepared:
 def _check_all(cfg: RunConfig, create: bool) -> tuple[Prepared, dict]:
     """The checks of `prepare`, in order of cost; `create`: make output_dir (and prove it writable) first.
     Returns what was prepared and the settings changed on resume."""
+    from common.versions import check_versions
     from pipeline.placement import check as check_plan
 
+    check_versions()  # the stack this code is tested with, before anything else
     check_plan(cfg)  # GPU settings that can never run, whatever the cluster
     rundir = _prepare_rundir(cfg, create)
     changes = _plan_resume(cfg, rundir)
