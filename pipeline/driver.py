@@ -55,6 +55,11 @@ def resolve_reward_model(cfg: RunConfig) -> str:
     return cfg.reward.model_path or ""
 
 
+def local_reward_model(cfg: RunConfig) -> str:
+    """`resolve_reward_model` as a local directory (a Hub name downloaded on the driver, as the policy is)."""
+    return local_model_dir(resolve_reward_model(cfg), "reward.model_path", Console(cfg.quiet).log)
+
+
 def _model_dir(path: str, key: str) -> str:
     """`path` when it is an HF model directory, or a Hub name whose model is in the local HF cache (or, when
     the Hub may be asked, on the Hub). A path that is neither fails at once, naming `key`: it is never sent
@@ -137,6 +142,28 @@ def _check_hub_model(name: str, key: str) -> None:
         ) from None
 
 
+# What a Hub model's download takes: config, tokenizer and safetensors weights (never pickles).
+HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def local_model_dir(path: str, key: str, log=None) -> str:
+    """A directory the actors load `path` from without the network: `path` itself, or a Hub model's snapshot
+    in the local HF cache, downloaded here (once, on the driver) when it is not cached. The engines run with
+    HF_HUB_OFFLINE=1 and start before any trainer could download anything, so a Hub name handed to them finds
+    nothing on a fresh cache. On several nodes the cache must be one every node reads (HF_HOME on a shared
+    filesystem); `start_workers` checks that each node sees the directory."""
+    if Path(path).is_dir():
+        return path
+    snapshot = _cached_snapshot(path)
+    if snapshot is not None:
+        return snapshot
+    from huggingface_hub import snapshot_download
+
+    if log is not None:
+        log(f"{key}: downloading '{path}' from the Hugging Face Hub into the local cache (once)")
+    return str(snapshot_download(path, allow_patterns=HUB_MODEL_FILES))
+
+
 def _local_files(path: str) -> str:
     """Where the model's files can be read without the network: the directory, or the cached snapshot."""
     return path if Path(path).is_dir() else (_cached_snapshot(path) or path)
@@ -214,6 +241,8 @@ def _check_all(cfg: RunConfig, create: bool) -> tuple[Prepared, dict]:
         rm = resolve_reward_model(cfg)  # builds the tiny RM once, before any actor
         load_tokenizer(_model_dir(rm, "reward.model_path"), "reward.model_path", cfg.reward.trust_remote_code)
     model_path = resolve_model(cfg)
+    if create:  # a run (not --dry-run): a Hub model is fetched now, and every later step reads the directory
+        model_path = local_model_dir(model_path, "model.path", Console(cfg.quiet).log)
     tokenizer = load_tokenizer(model_path, "model.path", cfg.model.trust_remote_code)
     train, eval_set = load_prompt_sets(cfg.data, tokenizer, cfg.seed)
     check_trainable(cfg, train, eval_set)
@@ -330,12 +359,41 @@ def init_ray(cfg: RunConfig) -> None:
         )
 
 
+def check_nodes_see(paths: dict[str, str]) -> None:
+    """Refuse, naming the node, a model directory (by config key) that some node of the cluster cannot read:
+    the driver resolved it, the actors on every node load it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.placement import PlanError
+
+    @ray.remote(num_cpus=0)
+    def visible(dirs: list[str]) -> list[bool]:
+        return [os.path.isdir(d) for d in dirs]
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = [
+        visible.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            list(paths.values())
+        )
+        for n in nodes
+    ]
+    for node, seen in zip(nodes, ray.get(refs), strict=True):
+        for (key, path), ok in zip(paths.items(), seen, strict=True):
+            if not ok:
+                raise PlanError(
+                    f"{key}: '{path}' is not visible on node {node['NodeManagerAddress']} ({node['NodeID'][:12]}), "
+                    "where actors may run: put the model (or HF_HOME, for a Hub model) on a shared filesystem "
+                    "every node mounts, or copy it to the same path on each node"
+                )
+
+
 def start_workers(cfg: RunConfig, model_path: str) -> Workers:
     """The heavy actors: vLLM engines and the DeepSpeed ranks."""
     r, t = cfg.rollout, cfg.train
     from pipeline.placement import cluster_nodes, fit
 
     fit(cfg, cluster_nodes())  # refuse a plan that cannot fit instead of waiting forever for resources
+    check_nodes_see({"model.path": model_path})
     engines = []
     for _ in range(r.num_engines):
         opts: dict = {"runtime_env": {"env_vars": engine_env(r)}}
@@ -375,7 +433,8 @@ def make_reward_actor(cfg: RunConfig):
 
     reward = cfg.reward
     if reward.kind == "model":
-        reward = reward.model_copy(update={"model_path": resolve_reward_model(cfg)})
+        reward = reward.model_copy(update={"model_path": local_reward_model(cfg)})
+        check_nodes_see({"reward.model_path": reward.model_path})
     return ray.remote(RewardWorker).options(**reward_actor_options(reward)).remote(reward)
 
 
