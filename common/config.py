@@ -95,6 +95,10 @@ class RolloutConfig(_Section):
     # whole prompts are prefilled, max(8192, max_model_len) tokens.
     max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)
+    # placement=colocate: what the engine frees while the trainers train. 1: the KV cache, and the weights go
+    # to CPU memory (restored on waking, then overwritten by the sync); 2: both discarded (no CPU copy, but a
+    # buffer the checkpoint does not hold, such as a rotary cache, would not come back).
+    sleep_level: Literal[1, 2] = 1
 
     @model_validator(mode="after")
     def _scheduler_limits_fit(self) -> RolloutConfig:
@@ -233,8 +237,10 @@ class TrainConfig(_Section):
 
 
 class SyncConfig(_Section):
-    # auto: nccl only when both the engines and the trainers have GPUs, else the CPU object-store backend.
-    backend: Literal["auto", "cpu", "nccl"] = "auto"
+    # auto: with placement=colocate, ipc on GPUs (vLLM's CUDA IPC backend: trainer rank and engine share the
+    # GPU) and cpu on CPUs; otherwise nccl when both the engines and the trainers have GPUs, else cpu (the
+    # object-store backend).
+    backend: Literal["auto", "cpu", "nccl", "ipc"] = "auto"
     bucket_mb: int = Field(256, ge=1)
 
 
@@ -259,6 +265,11 @@ class RunConfig(_Section):
     wandb: bool = False
     wandb_project: str = "onalign"
     ray_num_cpus: int | None = Field(None, ge=1)
+    # separate: engines and trainer ranks hold resources of their own. colocate: trainer rank i and engine i
+    # share one bundle (one GPU, Ray fractional GPUs: rollout.num_gpus + train.num_gpus <= 1); the engine
+    # sleeps (rollout.sleep_level) while the trainers train and wakes for the sync and the next rollout. On
+    # CPUs vLLM's sleep is a no-op: the schedule runs, no memory is freed.
+    placement: Literal["separate", "colocate"] = "separate"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()

@@ -129,7 +129,12 @@ def _dispatch(args) -> int:
             import torch
 
             nodes = [{"CPU": float(cfg.ray_num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
-        print(dry_run(cfg, nodes))
+        params = None
+        if cfg.placement == "colocate" and cfg.train.num_gpus > 0:  # the memory split needs the model's size
+            from pipeline.placement import parameter_count
+
+            params = parameter_count(prep.model_path, cfg.model.trust_remote_code)
+        print(dry_run(cfg, nodes, params))
         return 0
     from pipeline.driver import run
 

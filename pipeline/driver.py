@@ -359,6 +359,29 @@ def init_ray(cfg: RunConfig) -> None:
         )
 
 
+def engine_options(cfg: RunConfig, index: int, colocated=None) -> dict:
+    """Ray options of engine `index`: its own resources; inside its TP placement group (TP > 1 on GPUs); or,
+    colocated, beside trainer rank `index` in bundle `index` of the run's placement group."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    r = cfg.rollout
+    opts: dict = {"runtime_env": {"env_vars": engine_env(r)}, "num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+    if colocated is not None:
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(colocated, placement_group_bundle_index=index)
+    elif r.num_gpus > 0 and r.tensor_parallel_size > 1:
+        # vLLM's Ray executor places the TP workers inside this group, all on one node.
+        from pipeline.placement import engine_placement
+
+        pg = engine_placement(r.tensor_parallel_size, r.num_gpus, r.num_cpus)
+        ray.get(pg.ready(), timeout=cfg.call_timeout_s)
+        opts.update(
+            num_cpus=0,
+            num_gpus=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True),
+        )
+    return opts
+
+
 def check_nodes_see(paths: dict[str, str]) -> None:
     """Refuse, naming the node, a model directory (by config key) that some node of the cluster cannot read:
     the driver resolved it, the actors on every node load it."""
@@ -394,36 +417,21 @@ def start_workers(cfg: RunConfig, model_path: str) -> Workers:
 
     fit(cfg, cluster_nodes())  # refuse a plan that cannot fit instead of waiting forever for resources
     check_nodes_see({"model.path": model_path})
-    engines = []
-    for _ in range(r.num_engines):
-        opts: dict = {"runtime_env": {"env_vars": engine_env(r)}}
-        if r.num_gpus > 0 and r.tensor_parallel_size > 1:
-            # vLLM's Ray executor places the TP workers inside this group, all on one node.
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    colocated = None
+    if cfg.placement == "colocate":  # bundle i: trainer rank i and engine i (one GPU)
+        from pipeline.placement import colocated_placement
 
-            from pipeline.placement import engine_placement
-
-            pg = engine_placement(r.tensor_parallel_size, r.num_gpus, r.num_cpus)
-            ray.get(pg.ready(), timeout=cfg.call_timeout_s)
-            opts.update(
-                num_cpus=0,
-                num_gpus=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True),
-            )
-        else:
-            opts.update(num_cpus=r.num_cpus, num_gpus=r.num_gpus)
-        engines.append(
-            ray.remote(RolloutWorker)
-            .options(**opts)
-            .remote(
-                model_path,
-                r,
-                cfg.model.dtype,
-                cfg.seed,
-                resolve_backend(cfg.sync, r.num_gpus > 0, t.num_gpus > 0),
-            )
-        )
-    trainers = TrainerGroup(t.num_workers, t.num_cpus, t.num_gpus, trainer_env(t), cfg.call_timeout_s)
+        colocated = colocated_placement(cfg)
+        ray.get(colocated.ready(), timeout=cfg.call_timeout_s)
+    engines = [
+        ray.remote(RolloutWorker)
+        .options(**engine_options(cfg, i, colocated))
+        .remote(model_path, r, cfg.model.dtype, cfg.seed, resolve_backend(cfg), cfg.placement == "colocate")
+        for i in range(r.num_engines)
+    ]
+    trainers = TrainerGroup(
+        t.num_workers, t.num_cpus, t.num_gpus, trainer_env(t), cfg.call_timeout_s, placement=colocated
+    )
     ray.get([e.ready.remote() for e in engines], timeout=cfg.call_timeout_s)
     return Workers(engines, trainers)
 

@@ -63,7 +63,8 @@ class Loop:
         self.rundir, self.reward, self.reporter = rundir, reward_actor, reporter
         self.method = get_method(cfg.algorithm.name)
         self.initial_eval: list[float] = []
-        self.sync_backend = resolve_backend(cfg.sync, cfg.rollout.num_gpus > 0, cfg.train.num_gpus > 0)
+        self.sync_backend = resolve_backend(cfg)
+        self.colocated = cfg.placement == "colocate"
         self.view = ProgressView(reporter.console, enabled=reporter.console.rich)  # bars on a terminal only
 
     def run(self) -> list[dict]:
@@ -164,11 +165,16 @@ class Loop:
     def train(self, it: int, batch) -> TrainStage:
         """Train on the iteration's groups (skipped when there are fewer than ranks), then APO's step
         (only after a step ran: extrapolating an untrained iterate would put an extrapolated point where
-        APO keeps the previous optimiser output), then the sync into the engines if anything changed."""
+        APO keeps the previous optimiser output), then the sync into the engines if anything changed.
+        Colocated (`placement: colocate`), the engines sleep while the trainers train."""
         cfg, trainers = self.cfg, self.workers.trainers
         t = time.perf_counter()
         stats: dict = {"loss": None, "pair_accuracy": None, "train_steps": 0}
+        asleep = False
         if len(batch) >= trainers.world:
+            if self.colocated:  # the engines give the GPUs to the trainers until the sync
+                self.get([e.sleep.remote(cfg.rollout.sleep_level) for e in self.workers.rollouts], "engine sleep")
+                asleep = True
             steps = steps_per_rank(len(batch), trainers.world, cfg.train.micro_batch_size, cfg.train.epochs)
             progress = self.view.bar(f"iteration {it}: training {cfg.algorithm.name} (optimizer steps)", steps)
             batch_ref = ray.put(batch)
@@ -178,14 +184,22 @@ class Loop:
         if self.method.extrapolates and stats["train_steps"]:
             apo_step = self.get(trainers.call("extrapolate", cfg.algorithm.apo_alpha), "APO extrapolation")[0]
         time_train = time.perf_counter() - t
-        time_sync = self.sync() if stats["train_steps"] or apo_step else 0.0
+        time_sync = self.sync(asleep) if stats["train_steps"] or apo_step or asleep else 0.0
         return TrainStage(stats, apo_step, time_train, time_sync)
 
-    def sync(self) -> float:
+    def sync(self, asleep: bool = False) -> float:
+        """The trainers' weights into every engine; `asleep` (colocated, after training): the engines wake
+        their weights first and their KV cache after (vLLM's order: no cache is allocated while the trainers'
+        sync buffers are)."""
         t = time.perf_counter()
+        engines = self.workers.rollouts
         with self.view.spinner("syncing weights into vLLM"):
-            refs = sync_weights(self.workers.trainers, self.workers.rollouts, self.cfg.sync, self.sync_backend)
+            if asleep:
+                self.get([e.wake_up.remote(["weights"]) for e in engines], "engine wake-up")
+            refs = sync_weights(self.workers.trainers, engines, self.cfg.sync, self.sync_backend)
             self.get(refs, "weight sync")
+            if asleep:
+                self.get([e.wake_up.remote(["kv_cache"]) for e in engines], "engine wake-up")
         return time.perf_counter() - t
 
     def evaluate(self, iteration: int) -> dict:

@@ -114,3 +114,12 @@ def test_the_cpu_demo_runs_on_a_gpu_host(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "iterations done: 1" in proc.stdout
     assert (out / "checkpoints").is_dir()
+
+
+def test_colocated_gpu_engines_have_sleep_mode_and_the_ipc_backend():
+    from workers.rollout import engine_settings
+
+    gpu = engine_settings(RolloutConfig(num_gpus=0.5), "ipc", colocated=True)
+    assert gpu.kwargs["enable_sleep_mode"] is True and gpu.kwargs["weight_transfer_config"] == {"backend": "ipc"}
+    cpu = engine_settings(RolloutConfig(), "cpu", colocated=True)
+    assert "enable_sleep_mode" not in cpu.kwargs  # vLLM refuses sleep mode on CPU; its sleep is a no-op there

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.config import SyncConfig
 from workers.weight_sync import resolve_backend
 
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -223,12 +222,19 @@ def test_engine_placement_groups_are_removed_at_shutdown(ray_cluster):
 
 # ---------------------------------------------------------------- 6. sync backend choice
 def test_auto_sync_backend_needs_gpus_on_both_sides():
-    auto = SyncConfig(backend="auto")
-    assert resolve_backend(auto, True, trainers_have_gpus=True) == "nccl"
-    assert resolve_backend(auto, True, trainers_have_gpus=False) == "cpu"  # NCCL needs CUDA on rank 0 too
-    assert resolve_backend(auto, False, trainers_have_gpus=True) == "cpu"
-    assert resolve_backend(auto, False, trainers_have_gpus=False) == "cpu"
-    assert resolve_backend(SyncConfig(backend="cpu"), True, trainers_have_gpus=True) == "cpu"
+    from common.config import RunConfig
+
+    def backend(engine_gpus: float, trainer_gpus: float, sync: str = "auto") -> str:
+        cfg = RunConfig.model_validate(
+            {"rollout": {"num_gpus": engine_gpus}, "train": {"num_gpus": trainer_gpus}, "sync": {"backend": sync}}
+        )
+        return resolve_backend(cfg)
+
+    assert backend(1, 1) == "nccl"
+    assert backend(1, 0) == "cpu"  # NCCL needs CUDA on rank 0 too
+    assert backend(0, 1) == "cpu"
+    assert backend(0, 0) == "cpu"
+    assert backend(1, 1, "cpu") == "cpu"
 
 
 def test_tied_output_projection_is_sent_once_under_the_embedding_name():
@@ -241,3 +247,26 @@ def test_tied_output_projection_is_sent_once_under_the_embedding_name():
     assert list(tied) == ["model.embed_tokens.weight", "model.norm.weight"]
     untied = sync_state_dict(weights, SimpleNamespace(tie_word_embeddings=False))
     assert list(untied) == list(weights)
+
+
+@pytest.mark.slow
+def test_the_gpu_trainer_check_runs_on_cpu_ranks(tmp_path):
+    """bench/gpu_trainer_check.py (the trainer side of the GPU path, for a GPU machine without vLLM or Ray)
+    runs its checks on CPU ranks too, so it cannot rot between GPU loans: bf16 ZeRO-2 and ZeRO-3 keep the
+    fp32 masters, the sync tensors are bit-exact, bf16 log-probs are close to fp32's."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_trainer_check.py", "--cpu", "--hidden", "64", "--layers", "2"],
+        cwd=root,
+        env={**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith(("PASS", "FAIL"))]
+    assert len(lines) == 8 and all(line.startswith("PASS") for line in lines), proc.stdout
+    assert (tmp_path / "gpu_trainer_check.json").is_file()

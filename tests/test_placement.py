@@ -111,3 +111,82 @@ def test_cpu_weight_sync_with_tensor_parallel_engines_is_refused():
         with pytest.raises(PlanError, match="CPU weight sync .*tensor_parallel_size=2: .*sync.backend=nccl"):
             dry_run(cfg)
     dry_run(load_config(PRESET, ["rollout.tensor_parallel_size=2", "rollout.num_gpus=1", "sync.backend=nccl"]))
+
+
+# ---------------------------------------------------------------- one GPU: colocation (issue 28, part 2)
+ONE_GPU = "configs/gpu-1x-smollm2.yaml"
+
+
+def test_one_gpu_preset_colocates_and_fits_one_gpu():
+    """The engine and the trainer rank share the GPU (Ray fractional GPUs, one bundle); the weights go through
+    vLLM's CUDA IPC backend; a second GPU is not needed."""
+    from workers.weight_sync import resolve_backend
+
+    cfg = load_config(ONE_GPU)
+    assert cfg.placement == "colocate" and resolve_backend(cfg) == "ipc"
+    placed = dict(fit(cfg, [{"CPU": 8, "GPU": 1}]))
+    assert placed == {"bundle 0: trainer rank 0 + rollout engine 0": 0, "reward actor": 0}
+    text = dry_run(cfg, [{"CPU": 8, "GPU": 1}], params=134_515_008)
+    assert "memory plan, each GPU" in text and "sleeps while the trainer trains" in text
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["sync.backend=nccl"], "colocate.*sync.backend=nccl.*two ranks of one NCCL group on one GPU"),
+        (["rollout.num_gpus=0.6", "train.num_gpus=0.6"], "rollout.num_gpus \\+ train.num_gpus = 1.2.*at most 1"),
+        (["rollout.num_gpus=0"], "colocate.*GPUs on both sides or on neither"),
+        (["rollout.tensor_parallel_size=2"], "colocate.*tensor_parallel_size=1"),
+        (["train.num_workers=2"], "colocate.*one engine per trainer rank.*rollout.num_engines=2"),
+        (["placement=separate", "sync.backend=ipc"], "sync.backend=ipc.*placement=colocate"),
+        (["placement=separate"], "fractional GPU lets two of them share one GPU.*or placement=colocate"),
+    ],
+)
+def test_colocation_refusals(overrides, message):
+    with pytest.raises(PlanError, match=message):
+        dry_run(load_config(ONE_GPU, overrides))
+
+
+def test_colocation_on_cpu_is_allowed_and_uses_the_cpu_sync():
+    """On CPU, vLLM's sleep is a no-op, so a colocated CPU run exercises the schedule (sleep, train, wake,
+    update) without freeing memory: the CPU tests run it for real."""
+    from workers.weight_sync import resolve_backend
+
+    cfg = load_config("configs/demo-cpu.yaml", ["placement=colocate", "train.num_workers=1"])
+    assert resolve_backend(cfg) == "cpu"
+    assert dict(fit(cfg, [{"CPU": 2}])) == {"bundle 0: trainer rank 0 + rollout engine 0": 0, "reward actor": 0}
+    with pytest.raises(PlanError, match="sync.backend=ipc needs GPUs"):
+        dry_run(load_config("configs/demo-cpu.yaml", ["placement=colocate", "train.num_workers=1", "sync.backend=ipc"]))
+
+
+@pytest.mark.slow
+def test_a_colocated_run_sleeps_the_engine_while_the_trainer_trains(tmp_path):
+    """Colocation's call order, run for real on CPU (vLLM tracks its sleep there too; only the memory is not
+    freed): per iteration the engine generates, sleeps, and after training wakes its weights, takes the update,
+    wakes its KV cache and generates the eval answers; the trainer trains while it sleeps."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "tests/colocated_run.py", str(tmp_path / "run"), "iterations=2", "quiet=true"]
+    cmd += ["data.num_train_prompts=32", "data.num_eval_prompts=8", "train.micro_batch_size=8", "train.epochs=1"]
+    cmd += ["tensorboard=false", "ray_num_cpus=2"]
+    proc = subprocess.run(
+        cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows, events = result["rows"], result["events"]
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and all(r["train_steps"] for r in rows[1:])
+    names = [name for _, name in events]
+    # start: the initial sync and eval; then per iteration: rollout, sleep, wake, update, wake, eval
+    per_iteration = ["generate", "sleep(1)", "wake_up(weights)", "start_weight_update", "finish_weight_update"]
+    per_iteration += ["wake_up(kv_cache)", "generate"]
+    assert names == ["start_weight_update", "finish_weight_update", "generate", *per_iteration, *per_iteration]
+    times = dict(enumerate(t for t, _ in events))
+    for it, row in zip((1, 2), rows[1:], strict=True):
+        asleep = times[3 + 7 * (it - 1) + 2] - times[3 + 7 * (it - 1) + 1]  # sleep -> wake_up(weights)
+        assert asleep >= 0.9 * row["time_train_s"], (asleep, row["time_train_s"])

@@ -36,15 +36,33 @@ class TrainerGroup:
     is formed (or raises, naming the address, if it is not within `timeout_s`)."""
 
     def __init__(
-        self, world: int, num_cpus: float, num_gpus: float, env: dict[str, str], timeout_s: float = 1800
+        self,
+        world: int,
+        num_cpus: float,
+        num_gpus: float,
+        env: dict[str, str],
+        timeout_s: float = 1800,
+        placement=None,
     ) -> None:
+        """`placement`: a placement group whose bundle i holds rank i (`placement: colocate`), or None."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         from workers.trainer import TrainerWorker
 
-        cls = ray.remote(TrainerWorker).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env}, max_concurrency=1
-        )
+        opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env}, "max_concurrency": 1}
+
+        def bundle(rank: int) -> dict:
+            if placement is None:
+                return {}
+            return {
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=rank)
+            }
+
         self.world = world
-        self.actors = [cls.remote(rank, world, timeout_s, num_gpus) for rank in range(world)]
+        self.actors = [
+            ray.remote(TrainerWorker).options(**opts, **bundle(rank)).remote(rank, world, timeout_s, num_gpus)
+            for rank in range(world)
+        ]
         try:
             self.master_addr, self.master_port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:

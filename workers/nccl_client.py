@@ -1,4 +1,5 @@
-"""vLLM's weight-sync client for several engines, each with its own NCCL ranks (the GPU sync path).
+"""vLLM's weight-sync client for several engines, each with its own NCCL ranks (the GPU sync paths: NCCL,
+and CUDA IPC, which hands out no ranks).
 
 vLLM's engine worker takes NCCL rank `dp_index * TP + tp_rank + rank_offset`, and every separate `LLM` has
 data-parallel index 0, so the group (trainer rank 0 plus num_engines x TP engine workers) needs a
@@ -42,6 +43,9 @@ class EngineRanksClient:
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
+        if "world_size" not in init_info:  # no ranks to hand out (CUDA IPC): the same payload for every engine
+            self._all("init_weight_transfer_engine", WeightTransferInitRequest(init_info=init_info))
+            return
         offsets = engine_rank_offsets(len(self.handles), init_info["world_size"])
         ray.get(
             [

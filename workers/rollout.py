@@ -8,8 +8,10 @@ prompt stay independent (one request with n > 1 and a fixed seed gave correlated
 
 from __future__ import annotations
 
+import collections
 import io
 import os
+import time
 from dataclasses import dataclass, field
 
 from common.config import RolloutConfig
@@ -88,11 +90,14 @@ class EngineSettings:
     kwargs: dict = field(default_factory=dict)  # for vLLM's `LLM(...)`, beside the model and the rollout section
 
 
-def engine_settings(rc: RolloutConfig, sync_backend: str) -> EngineSettings:
-    """vLLM's settings for an engine of the plan: its weight-transfer backend, and its memory and scheduler
-    settings for a CPU or a GPU engine."""
+def engine_settings(rc: RolloutConfig, sync_backend: str, colocated: bool = False) -> EngineSettings:
+    """vLLM's settings for an engine of the plan: its weight-transfer backend, sleep mode when it shares its
+    GPU with a trainer rank, and its memory and scheduler settings for a CPU or a GPU engine."""
     on_gpu = rc.num_gpus > 0
-    kwargs: dict = {"weight_transfer_config": {"backend": sync_backend if sync_backend == "nccl" else _cpu_backend()}}
+    backend = sync_backend if sync_backend in ("nccl", "ipc") else _cpu_backend()
+    kwargs: dict = {"weight_transfer_config": {"backend": backend}}
+    if colocated and on_gpu:
+        kwargs["enable_sleep_mode"] = True  # CPU engines have no sleep mode (vLLM refuses the setting there)
     if not on_gpu:
         kwargs["kv_cache_memory_bytes"] = int(rc.kv_cache_mb) * 2**20
         # Chunked prefill rewinds seeded samplers with Generator.set_offset, which CPU generators lack
@@ -124,13 +129,14 @@ class RolloutWorker:
         dtype: str = "float32",
         seed: int = 0,
         sync_backend: str = "cpu",
+        colocated: bool = False,
     ) -> None:
         os.environ.update(ENGINE_ENV)
         rc = RolloutConfig.model_validate(rollout_cfg)  # the validated section (a dict is accepted too)
         import torch
         from vllm import LLM
 
-        settings = engine_settings(rc, sync_backend)
+        settings = engine_settings(rc, sync_backend, colocated)
         if not settings.on_gpu:
             # before vLLM pins the thread count; Ray set it to the actor's num_cpus
             torch.set_num_threads(rc.cpu_threads or max(1, (os.cpu_count() or 1) // rc.num_engines))
@@ -145,8 +151,41 @@ class RolloutWorker:
             max_num_seqs=rc.max_num_seqs,  # None: vLLM's default for the platform
             **settings.kwargs,
         )
-        if sync_backend != "nccl":
+        if sync_backend == "cpu":
             self.llm.init_weight_transfer_engine({"init_info": {}})  # no rendezvous: the object store
+        self.asleep: set[str] = set()  # what `sleep` released and no `wake_up` has brought back yet
+        self.events: collections.deque[tuple[float, str]] = collections.deque(maxlen=1000)
+
+    def _event(self, name: str) -> None:
+        self.events.append((time.monotonic(), name))
+
+    def lifecycle(self) -> list[tuple[float, str]]:
+        """The engine's recent lifecycle calls (generate, sleep, wake_up, weight updates), with the time of each
+        (`time.monotonic()`: comparable between processes of one machine)."""
+        return list(self.events)
+
+    def _require_awake(self, what: str, tags: tuple[str, ...]) -> None:
+        asleep = self.asleep.intersection(tags)
+        if asleep:
+            raise RuntimeError(
+                f"{what} while the engine's {' and '.join(sorted(asleep))} sleep: wake_up first (placement=colocate "
+                "order: sleep, train, wake weights, update, wake KV cache, generate)"
+            )
+
+    # ------------------------------------------------------------ colocation: vLLM's sleep mode
+    def sleep(self, level: int = 1) -> None:
+        """Free the GPU for the trainers (placement=colocate): level 1 discards the KV cache and offloads the
+        weights to CPU memory, level 2 discards both. On CPU engines vLLM only pauses scheduling (no memory
+        is freed), so the same order runs there."""
+        self.llm.sleep(level=level)
+        self.asleep = {"weights", "kv_cache"}
+        self._event(f"sleep({level})")
+
+    def wake_up(self, tags: list[str]) -> None:
+        """Bring back `tags` ("weights" before a weight update, "kv_cache" before generating)."""
+        self.llm.wake_up(tags)
+        self.asleep -= set(tags)
+        self._event(f"wake_up({','.join(tags)})")
 
     def scheduler_limits(self) -> dict[str, int]:
         """The sequences this engine decodes together and the tokens a step may process, as vLLM set them."""
@@ -171,6 +210,8 @@ class RolloutWorker:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._require_awake("generate", ("weights", "kv_cache"))
+        self._event("generate")
         requests, params, owners = [], [], []
         for ids, idx in zip(prompt_ids, prompt_indices, strict=True):
             for j in range(n if temperature > 0 else 1):
@@ -231,6 +272,9 @@ class RolloutWorker:
         self.llm.init_weight_transfer_engine(request)
 
     def start_weight_update(self) -> None:
+        # under sleep level 1 an update into offloaded weights would be overwritten by their copy on waking
+        self._require_awake("a weight update", ("weights",))
+        self._event("start_weight_update")
         self.llm.start_weight_update()
 
     def update_weights(self, request) -> None:
@@ -239,7 +283,9 @@ class RolloutWorker:
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         """End the update; `weight_version` labels the weights now loaded (`weight_version()` reads it back)."""
         self.llm.finish_weight_update(weight_version)
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self._event("finish_weight_update")
+        if "kv_cache" not in self.asleep:
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights (asleep: none kept)
 
     def shutdown_weight_transfer_engine(self) -> None:
         """Release the trainer connection (the NCCL group) without stopping the engine."""

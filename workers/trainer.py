@@ -213,6 +213,8 @@ def collect() -> None:
     reuses the memory."""
     gc.collect()
     heap.trim()
+    if torch.cuda.is_initialized():  # give the freed blocks back to the GPU: a colocated engine wakes into them
+        torch.cuda.empty_cache()
 
 
 def _peak_rss_mb() -> float:
@@ -319,10 +321,16 @@ def state_dict_source(trainer: TrainerWorker, dtype: torch.dtype, device: torch.
             return [ParamMeta(k, dtype, tuple(v.shape)) for k, v in trainer.sync_weights().items()]
 
         def __iter__(self):
-            for k, v in trainer.sync_weights().items():
-                yield k, v.to(device=device, dtype=dtype, non_blocking=True)
+            return engine_tensors(trainer.sync_weights(), dtype, device)
 
     return StateDictSource()
+
+
+def engine_tensors(weights: StateDict, dtype: torch.dtype, device: torch.device):
+    """(name, tensor) as the GPU sync paths hand them to vLLM's producers: each fp32 weight cast to the
+    engine's dtype on the sending device (bench/gpu_trainer_check.py checks them bit for bit)."""
+    for k, v in weights.items():
+        yield k, v.to(device=device, dtype=dtype, non_blocking=True)
 
 
 class TrainerWorker:
@@ -644,13 +652,27 @@ class TrainerWorker:
             master_address=ray.util.get_node_ip_address(), master_port=free_port(), world_size=world_size, rank=0
         )
         source = state_dict_source(self, getattr(torch, dtype), self.device)
-        self.nccl_sync = WeightTransferTrainerFactory.trainer_init(
+        self.weight_sender = WeightTransferTrainerFactory.trainer_init(
+            info, client=EngineRanksClient(engines), source=source
+        )
+
+    def init_ipc_sync(self, engines: list, dtype: str) -> None:
+        """GPU path under `placement: colocate`, every rank: vLLM's CUDA IPC weight transfer to the engines on
+        the trainer ranks' GPUs (packed: one bounded staging buffer; rank 0 ships the gathered handles)."""
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+        from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+
+        from workers.nccl_client import EngineRanksClient
+
+        info = IPCTrainerInitInfo(rank=self.rank, packed=True)
+        source = state_dict_source(self, getattr(torch, dtype), self.device)
+        self.weight_sender = WeightTransferTrainerFactory.trainer_init(
             info, client=EngineRanksClient(engines), source=source
         )
 
     def send_weights(self) -> None:
-        """GPU path, rank 0: packed NCCL broadcast of the current weights into every engine."""
-        self.nccl_sync.send_weights()
+        """GPU path: the current weights into every engine (NCCL: rank 0's packed broadcast; IPC: every rank)."""
+        self.weight_sender.send_weights()
 
     def get_weights(self) -> StateDict:
         return self.weights

@@ -5,6 +5,9 @@
   `NCCLTrainerWeightTransferEngine` while the engines run `update_weights` (`send_weights`). The group is
   trainer rank 0 plus `num_engines x TP` engine workers: engine i's workers are ranks 1 + i*TP .. (i+1)*TP
   (`workers.nccl_client.EngineRanksClient` gives each engine its own rank offset).
+- `ipc` (GPU, `placement: colocate`): every trainer rank hands vLLM's CUDA IPC backend handles to the weights
+  on its own GPU; rank 0 ships them to the engines, each of which maps those of its GPU (no copy between
+  devices). Packed: one bounded staging buffer per rank.
 - `cpu` (`workers.cpu_transfer`, registered into vLLM's `WeightTransferEngineFactory`): rank 0's full
   HF-named state dict goes through Ray's object store as numpy buffers (one copy in, read zero-copy by
   every engine on the node) and is loaded bucket by bucket with the same start/update/finish lifecycle.
@@ -14,31 +17,38 @@ from __future__ import annotations
 
 import ray
 
-from common.config import SyncConfig
+from common.config import RunConfig, SyncConfig
 from workers.actor_group import TrainerGroup
 
 
-def resolve_backend(cfg: SyncConfig, engines_have_gpus: bool, trainers_have_gpus: bool | None = None) -> str:
-    """`auto` is NCCL only when both ends have GPUs (trainer rank 0 is an NCCL rank too); otherwise the CPU
-    object-store path. `trainers_have_gpus=None` (an older call) assumes the trainers match the engines."""
-    if cfg.backend == "auto":
-        trainers = engines_have_gpus if trainers_have_gpus is None else trainers_have_gpus
-        return "nccl" if engines_have_gpus and trainers else "cpu"
-    return cfg.backend
+def resolve_backend(cfg: RunConfig) -> str:
+    """`sync.backend` with `auto` resolved: under `placement: colocate`, vLLM's CUDA IPC backend on GPUs (the
+    trainer rank and the engine share the GPU) and the CPU path on CPUs; otherwise NCCL only when both ends
+    have GPUs (trainer rank 0 is an NCCL rank too), else the CPU object-store path."""
+    r, t = cfg.rollout, cfg.train
+    if cfg.sync.backend != "auto":
+        return cfg.sync.backend
+    if cfg.placement == "colocate":
+        return "ipc" if r.num_gpus > 0 and t.num_gpus > 0 else "cpu"
+    return "nccl" if r.num_gpus > 0 and t.num_gpus > 0 else "cpu"
 
 
 def init_sync(trainers: TrainerGroup, engines: list, backend: str, engine_workers: int, dtype: str) -> list:
-    """Once per run: the NCCL rendezvous between trainer rank 0 and every engine worker (GPU only).
-
-    `engine_workers` is num_engines x TP: the group has 1 + engine_workers ranks."""
-    if backend != "nccl":
-        return []
-    return [trainers.call_rank0("init_nccl_sync", engines, 1 + engine_workers, dtype)]
+    """Once per run, on GPUs: the NCCL rendezvous between trainer rank 0 and every engine worker
+    (`engine_workers` is num_engines x TP: the group has 1 + engine_workers ranks), or the CUDA IPC set-up on
+    every trainer rank (each contributes the handles of its own GPU, rank 0 ships them)."""
+    if backend == "nccl":
+        return [trainers.call_rank0("init_nccl_sync", engines, 1 + engine_workers, dtype)]
+    if backend == "ipc":
+        return trainers.call("init_ipc_sync", engines, dtype)
+    return []
 
 
 def sync_weights(trainers: TrainerGroup, engines: list, cfg: SyncConfig, backend: str = "cpu") -> list[ray.ObjectRef]:
     """Start the sync; returns refs that resolve when every engine holds the new weights."""
     if backend == "nccl":
         return [trainers.call_rank0("send_weights")]
+    if backend == "ipc":  # a collective over the trainer ranks (the handle all-gather)
+        return trainers.call("send_weights")
     weights_ref = trainers.call_rank0("weights_for_sync")
     return [e.load_weights.remote(weights_ref, cfg.bucket_mb) for e in engines]
