@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from common.errors import OnalignError
 from common.methods import METHODS
@@ -78,6 +86,9 @@ class RolloutConfig(_Section):
     max_model_len: int = Field(256, ge=16)
     num_cpus: float = Field(1.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
+    # Ray custom resources each engine asks for (e.g. {"engine_node": 1}: only nodes started with
+    # `ray start --resources '{"engine_node": 1}'` take engines).
+    resources: dict[str, NonNegativeFloat] = {}
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
     kv_cache_mb: int = Field(256, ge=16)
     # CPU engines: torch threads of each engine. Default: the node's cores / num_engines, since the
@@ -134,6 +145,7 @@ class RewardConfig(_Section):
     missing_eos_penalty: float | None = None
     num_cpus: float = Field(0.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
+    resources: dict[str, NonNegativeFloat] = {}  # Ray custom resources of the reward actor (see rollout.resources)
 
     @field_validator("url")
     @classmethod
@@ -202,6 +214,7 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, gt=0.0)
     num_cpus: float = Field(0.5, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
+    resources: dict[str, NonNegativeFloat] = {}  # Ray custom resources of each trainer rank (see rollout.resources)
     bf16: bool = False
     # Reference log-probs of responses that the reference policy itself sampled (reference = previous
     # iterate, samples of this iteration): "rollout" takes the engine's own sampled-token log-probs (no

@@ -135,6 +135,34 @@ def redirect_output(_actor, path: str | None, title: str = "") -> tuple[int, boo
     return os.getpid(), path is not None
 
 
+def actor_node(_actor=None) -> dict:
+    """Where the calling process runs (inside an actor through `__ray_call__`, or the driver): its Ray node's
+    id and address and its process id."""
+    import ray
+
+    return {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "pid": os.getpid(),
+    }
+
+
+def record_placement(actors: dict, run_root: str | os.PathLike, timeout_s: float) -> dict[str, dict]:
+    """OUTPUT_DIR/logs/actors.json: the node (id, address) and process of the driver and of each named actor
+    of this run, so a cluster run says where everything ran."""
+    import json
+
+    import ray
+
+    names = list(actors)
+    where = ray.get([actors[n].__ray_call__.remote(actor_node) for n in names], timeout=timeout_s)
+    placement = {"driver": actor_node(), **dict(zip(names, where, strict=True))}
+    path = Path(run_root) / LOGS / "actors.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(placement, indent=1), encoding="utf-8")
+    return placement
+
+
 class ActorLogs:
     """Where the actors' output goes during one run: OUTPUT_DIR/logs/<name>.log per actor (kept with the
     run; an fsspec run's staging dir is mirrored with everything else), or, with `stream`, Ray's files,

@@ -15,7 +15,7 @@ import ray
 from common.config import BUILTIN_MODEL, BUILTIN_REWARD_MODEL, BUILTIN_SMOLLM2, RunConfig
 from common.methods import get_method
 from pipeline.checkpoint import ResumeError, check_fingerprint, check_resume_config, fingerprint_of, plan_resume
-from pipeline.console import ActorLogs, Console
+from pipeline.console import ActorLogs, Console, record_placement
 from pipeline.data import DataError, PromptSet, load_prompt_sets
 from pipeline.loop import Loop, Workers
 from pipeline.rundir import RunDir, RunDirError
@@ -351,6 +351,7 @@ def init_ray(cfg: RunConfig) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], **console)
     else:
         ray.init(
+            address="local",  # a new local cluster: never one that `ray start` left running on this machine
             num_cpus=cfg.ray_num_cpus or os.cpu_count(),
             include_dashboard=False,
             object_store_memory=1 << 30,
@@ -365,18 +366,24 @@ def engine_options(cfg: RunConfig, index: int, colocated=None) -> dict:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     r = cfg.rollout
-    opts: dict = {"runtime_env": {"env_vars": engine_env(r)}, "num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+    opts: dict = {
+        "runtime_env": {"env_vars": engine_env(r)},
+        "num_cpus": r.num_cpus,
+        "num_gpus": r.num_gpus,
+        "resources": dict(r.resources),
+    }
     if colocated is not None:
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(colocated, placement_group_bundle_index=index)
     elif r.num_gpus > 0 and r.tensor_parallel_size > 1:
         # vLLM's Ray executor places the TP workers inside this group, all on one node.
         from pipeline.placement import engine_placement
 
-        pg = engine_placement(r.tensor_parallel_size, r.num_gpus, r.num_cpus)
+        pg = engine_placement(r.tensor_parallel_size, r.num_gpus, r.num_cpus, r.resources)
         ray.get(pg.ready(), timeout=cfg.call_timeout_s)
         opts.update(
             num_cpus=0,
             num_gpus=0,
+            resources={},
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True),
         )
     return opts
@@ -430,7 +437,13 @@ def start_workers(cfg: RunConfig, model_path: str) -> Workers:
         for i in range(r.num_engines)
     ]
     trainers = TrainerGroup(
-        t.num_workers, t.num_cpus, t.num_gpus, trainer_env(t), cfg.call_timeout_s, placement=colocated
+        t.num_workers,
+        t.num_cpus,
+        t.num_gpus,
+        trainer_env(t),
+        cfg.call_timeout_s,
+        placement=colocated,
+        resources=t.resources,
     )
     ray.get([e.ready.remote() for e in engines], timeout=cfg.call_timeout_s)
     return Workers(engines, trainers)
@@ -459,7 +472,9 @@ def run_with_workers(prep: Prepared, workers: Workers, console: Console | None =
             named = {f"rollout-{i}": r for i, r in enumerate(workers.rollouts)}
             named |= {f"trainer-{i}": t for i, t in enumerate(workers.trainers.actors)}
             logs.attach({**named, "reward": reward}, cfg.call_timeout_s)
+            placement = record_placement({**named, "reward": reward}, prep.rundir.root, cfg.call_timeout_s)
             loop = Loop(cfg, workers, prep.model_path, prep.train, prep.eval, prep.rundir, reward, reporter)
+            loop.placement = placement
             return loop.run()
     finally:
         ray.kill(reward, no_restart=True)

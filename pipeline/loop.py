@@ -66,6 +66,7 @@ class Loop:
         self.sync_backend = resolve_backend(cfg)
         self.colocated = cfg.placement == "colocate"
         self.view = ProgressView(reporter.console, enabled=reporter.console.rich)  # bars on a terminal only
+        self.placement: dict[str, dict] = {}  # actor name -> its node (logs/actors.json), for failure messages
 
     def run(self) -> list[dict]:
         first = self.start()
@@ -300,7 +301,7 @@ class Loop:
         try:
             if progress is not None:
                 self.view.follow(refs, progress, self.cfg.call_timeout_s)
-            return ray.get(refs, timeout=self.cfg.call_timeout_s)
+            return get_failing_fast(refs, self.cfg.call_timeout_s)
         except ray.exceptions.GetTimeoutError:
             fix = "raise call_timeout_s (model loading and the first steps can take minutes) or fix the stall"
             raise stopped(f"{what} did not answer within {limit}", fix) from None
@@ -316,10 +317,58 @@ class Loop:
                 raise stopped(problem, "raise call_timeout_s (the trainers' collectives wait that long)") from None
             raise
         except ray.exceptions.RayActorError as e:
-            raise PipelineError(
-                f"an actor died during {what} ({type(e).__name__}). Completed iterations are saved in "
-                f"{self.rundir.checkpoints}; rerun the same command with --resume to continue from the last one"
-            ) from None
+            dead, lost_nodes = self.dead_actors()
+            problem = f"{', '.join(dead) if dead else 'an actor'} died during {what}"
+            problem += f": node {', '.join(lost_nodes)} left the cluster" if lost_nodes else f" ({type(e).__name__})"
+            fix = (
+                "bring the node back (or give the actors nodes that remain: the *.resources settings)"
+                if lost_nodes
+                else "fix the cause (see its log)"
+            )
+            raise stopped(problem, fix) from None
+
+    def actors(self) -> dict:
+        """The run's actors by the names of their logs (logs/<name>.log, logs/actors.json)."""
+        named = {f"rollout-{i}": r for i, r in enumerate(self.workers.rollouts)}
+        named |= {f"trainer-{i}": t for i, t in enumerate(self.workers.trainers.actors)}
+        return named | {"reward": self.reward}
+
+    def dead_actors(self, wait_s: float = 10.0) -> tuple[list[str], list[str]]:
+        """The actors that are gone (a busy live one does not answer within `wait_s` and counts as alive), and
+        the nodes that held them and are no longer alive ("address (id)")."""
+        named = self.actors()
+        refs = {name: a.__ray_call__.remote(lambda _actor: True) for name, a in named.items()}
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=wait_s)
+        dead = []
+        for name, ref in refs.items():
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayActorError:
+                dead.append(name)
+            except ray.exceptions.GetTimeoutError:
+                pass
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        lost = {
+            f"{self.placement[name]['node_ip']} ({self.placement[name]['node_id'][:12]})"
+            for name in dead
+            if name in self.placement and self.placement[name]["node_id"] not in alive
+        }
+        return dead, sorted(lost)
+
+
+def get_failing_fast(refs, timeout_s: float):
+    """`ray.get(refs)`, except that the first failure raises at once: `ray.get` on a list waits for every
+    ref, so one dead trainer rank would wait the whole timeout on its peers, stuck in a collective."""
+    if not isinstance(refs, list):
+        return ray.get(refs, timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise ray.exceptions.GetTimeoutError()
+        ray.get(ready)  # raises the failure, if any
+    return ray.get(refs)
 
 
 def check_something_trained(rows: list[dict]) -> None:

@@ -10,7 +10,7 @@ CPU weight sync reaches only engines whose weights live in the engine actor's ow
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.config import RunConfig
 from common.errors import OnalignError
@@ -26,6 +26,18 @@ class Demand:
     cpu: float
     gpu: float
     same_node: bool = True  # all of it on one node (an engine's TP group, one trainer rank)
+    custom: dict[str, float] = field(default_factory=dict)  # Ray custom resources (`*.resources`)
+
+    def needs(self) -> dict[str, float]:
+        return {"CPU": self.cpu, "GPU": self.gpu, **self.custom}
+
+
+def _times(resources: dict[str, float], k: float) -> dict[str, float]:
+    return {key: v * k for key, v in resources.items()}
+
+
+def _plus(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {key: a.get(key, 0.0) + b.get(key, 0.0) for key in {*a, *b}}
 
 
 def _whole(share: float) -> bool:
@@ -127,7 +139,7 @@ def engine_cpus(cfg: RunConfig) -> float:
 def colocated_bundles(cfg: RunConfig) -> list[dict[str, float]]:
     """`placement: colocate`: bundle i holds trainer rank i and engine i (a whole GPU when they have GPUs)."""
     r, t = cfg.rollout, cfg.train
-    bundle = {"CPU": r.num_cpus + t.num_cpus}
+    bundle = {"CPU": r.num_cpus + t.num_cpus, **_plus(r.resources, t.resources)}
     if t.num_gpus > 0:
         bundle["GPU"] = 1.0
     return [dict(bundle) for _ in range(t.num_workers)]
@@ -138,37 +150,54 @@ def demands(cfg: RunConfig) -> list[Demand]:
     r, t, w = cfg.rollout, cfg.train, cfg.reward
     if cfg.placement == "colocate":
         return [
-            Demand(f"bundle {i}: trainer rank {i} + rollout engine {i}", b["CPU"], b.get("GPU", 0.0))
+            Demand(
+                f"bundle {i}: trainer rank {i} + rollout engine {i}",
+                b["CPU"],
+                b.get("GPU", 0.0),
+                custom={k: v for k, v in b.items() if k not in ("CPU", "GPU")},
+            )
             for i, b in enumerate(colocated_bundles(cfg))
-        ] + [Demand("reward actor", w.num_cpus, w.num_gpus)]
+        ] + [Demand("reward actor", w.num_cpus, w.num_gpus, custom=dict(w.resources))]
+    tp_group = r.num_gpus > 0 and r.tensor_parallel_size > 1  # one bundle per TP worker, each with the resources
     out = [
         Demand(
-            f"rollout engine {i} (TP {r.tensor_parallel_size})", engine_cpus(cfg), r.num_gpus * r.tensor_parallel_size
+            f"rollout engine {i} (TP {r.tensor_parallel_size})",
+            engine_cpus(cfg),
+            r.num_gpus * r.tensor_parallel_size,
+            custom=_times(r.resources, r.tensor_parallel_size if tp_group else 1),
         )
         for i in range(r.num_engines)
     ]
-    out += [Demand(f"trainer rank {i}", t.num_cpus, t.num_gpus) for i in range(t.num_workers)]
-    out.append(Demand("reward actor", w.num_cpus, w.num_gpus))
+    out += [Demand(f"trainer rank {i}", t.num_cpus, t.num_gpus, custom=dict(t.resources)) for i in range(t.num_workers)]
+    out.append(Demand("reward actor", w.num_cpus, w.num_gpus, custom=dict(w.resources)))
     return out
 
 
 def fit(cfg: RunConfig, nodes: list[dict[str, float]]) -> list[tuple[str, int]]:
     """First-fit-decreasing placement of every demand onto nodes; raises PlanError naming what does not fit."""
-    free = [{"CPU": float(n.get("CPU", 0)), "GPU": float(n.get("GPU", 0))} for n in nodes]
+    free = [{k: float(v) for k, v in n.items()} for n in nodes]
     placed = []
     for d in sorted(demands(cfg), key=lambda d: (-d.gpu, -d.cpu)):
+        need = d.needs()
         for i, node in enumerate(free):
-            if node["GPU"] + 1e-9 >= d.gpu and node["CPU"] + 1e-9 >= d.cpu:
-                node["GPU"] -= d.gpu
-                node["CPU"] -= d.cpu
+            if all(node.get(k, 0.0) + 1e-9 >= v for k, v in need.items()):
+                for k, v in need.items():
+                    node[k] = node.get(k, 0.0) - v
                 placed.append((d.name, i))
                 break
         else:
             total_gpu = sum(float(n.get("GPU", 0)) for n in nodes)
+            custom = "".join(f" and {v:g} {k}" for k, v in d.custom.items())
+            missing = [k for k in d.custom if not any(k in n for n in nodes)]
+            hint = (
+                f"no node offers the custom resource(s) {', '.join(missing)}: start nodes with `ray start --resources`, "
+                "or fix the *.resources settings"
+                if missing
+                else "Lower rollout.num_engines, rollout.tensor_parallel_size or train.num_workers, or add nodes"
+            )
             raise PlanError(
-                f"the plan does not fit the cluster: no node has {d.gpu:g} GPU and {d.cpu:g} CPU left for {d.name} "
-                f"(cluster: {len(nodes)} node(s), {total_gpu:g} GPUs in all). Lower rollout.num_engines, "
-                "rollout.tensor_parallel_size or train.num_workers, or add nodes"
+                f"the plan does not fit the cluster: no node has {d.gpu:g} GPU and {d.cpu:g} CPU{custom} left for "
+                f"{d.name} (cluster: {len(nodes)} node(s), {total_gpu:g} GPUs in all). {hint}"
             )
     return placed
 
@@ -242,12 +271,13 @@ def colocated_memory_plan(cfg: RunConfig, params: int | None) -> list[str]:
 _ENGINE_GROUPS: list = []  # the placement groups this process created, until `remove_engine_placements`
 
 
-def engine_placement(tp: int, gpus_per_worker: float, cpus: float):
+def engine_placement(tp: int, gpus_per_worker: float, cpus: float, resources: dict[str, float] | None = None):
     """A STRICT_PACK placement group holding one engine's TP workers on one node (GPU clusters): one bundle
-    of `cpus` CPUs and `gpus_per_worker` GPUs per worker. Kept until `remove_engine_placements`."""
+    of `cpus` CPUs, `gpus_per_worker` GPUs and `resources` per worker. Kept until `remove_engine_placements`."""
     from ray.util.placement_group import placement_group
 
-    pg = placement_group([{"GPU": gpus_per_worker, "CPU": cpus}] * tp, strategy="STRICT_PACK")
+    bundle = {"GPU": gpus_per_worker, "CPU": cpus, **(resources or {})}
+    pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK")
     _ENGINE_GROUPS.append(pg)
     return pg
 

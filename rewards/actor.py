@@ -29,7 +29,12 @@ from rewards.selection import prompt_score, select_prompts
 def reward_actor_options(cfg: RewardConfig) -> dict:
     """Ray options of the reward actor: its resources, and no visible GPU when it is given none."""
     env = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"} | hidden_gpus_env(cfg.num_gpus)
-    return {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "runtime_env": {"env_vars": env}}
+    return {
+        "num_cpus": cfg.num_cpus,
+        "num_gpus": cfg.num_gpus,
+        "resources": dict(cfg.resources),
+        "runtime_env": {"env_vars": env},
+    }
 
 
 class RewardWorker:

@@ -49,6 +49,7 @@ if __name__ == "__main__":
     out, *overrides = sys.argv[1:]
     cfg = load_config("configs/demo-cpu.yaml", [f"output_dir={out}", *overrides])
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=1 << 30,

@@ -119,7 +119,7 @@ def test_cpu_sync_matches_trainer_logprobs(arch, ray_cluster, model_path, tmp_pa
     from transformers import AutoTokenizer
 
     from common.config import RolloutConfig
-    from workers.rollout import ENGINE_ENV, RolloutWorker
+    from workers.rollout import RolloutWorker, engine_env
     from workers.trainer import TrainerWorker
 
     model_dir = tmp_path / arch
@@ -135,7 +135,7 @@ def test_cpu_sync_matches_trainer_logprobs(arch, ray_cluster, model_path, tmp_pa
     rollout = RolloutConfig(max_model_len=256, kv_cache_mb=32).model_dump()
     engine = (
         ray.remote(RolloutWorker)
-        .options(num_cpus=0, runtime_env={"env_vars": ENGINE_ENV})
+        .options(num_cpus=0, runtime_env={"env_vars": engine_env(RolloutConfig())})
         .remote(str(model_dir), rollout, "float32", 0, "cpu")
     )
     try:

@@ -243,7 +243,8 @@ def test_a_real_run_prints_no_line_from_an_actor(tmp_path):
     assert all(line.startswith("[onalign] ") for line in lines), res.stdout
     assert len(lines) == 4 and "done: 1 iterations" in lines[-1]
     logs = out / "logs"
-    assert sorted(p.name for p in logs.iterdir()) == ["reward.log", "rollout-0.log", "trainer-0.log", "trainer-1.log"]
+    names = ["actors.json", "reward.log", "rollout-0.log", "trainer-0.log", "trainer-1.log"]
+    assert sorted(p.name for p in logs.iterdir()) == names  # actors.json: where each ran
     rollout = (logs / "rollout-0.log").read_text()
     assert "pid" in rollout.splitlines()[0]
     assert "Failed to load weights" not in rollout  # fixed at the source (rotary cache, tied head), not hidden

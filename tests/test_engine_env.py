@@ -97,7 +97,7 @@ def test_an_engine_with_fewer_sequences_than_samples_decodes_them_in_waves(ray_c
     cfg = RolloutConfig(max_model_len=256, kv_cache_mb=32, max_num_seqs=4, max_num_batched_tokens=512)
     engine = (
         ray.remote(RolloutWorker)
-        .options(num_cpus=0, runtime_env={"env_vars": ENGINE_ENV})
+        .options(num_cpus=0, runtime_env={"env_vars": engine_env(RolloutConfig())})
         .remote(model_path, cfg.model_dump(), "float32", 0, "cpu")
     )
     try:

@@ -245,7 +245,7 @@ def test_killed_trainer_gives_clear_stop_then_resume_works(workers, tiny_cfg, tm
     cfg = tiny_cfg(tmp_path, "iterations=3", "call_timeout_s=120")
     with pytest.raises(PipelineError) as e:
         run_with_workers(prepare(cfg), Workers(workers.rollouts, group))
-    assert "actor died during training" in str(e.value) and "--resume" in str(e.value)
+    assert "trainer-1 died during training" in str(e.value) and "--resume" in str(e.value)
     monkeypatch.setattr(TrainerGroup, "call", original_call)
     group.kill()
     assert [json.loads(x)["iteration"] for x in lines(tmp_path / "metrics.jsonl")] == [0, 1]

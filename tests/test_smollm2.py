@@ -111,12 +111,13 @@ def engine(ray_cluster, smol):
     """One vLLM engine on SmolLM2 for the file (num_cpus=0: it must not wait for the session's actors)."""
     import ray
 
-    from workers.rollout import ENGINE_ENV, RolloutWorker
+    from common.config import RolloutConfig
+    from workers.rollout import RolloutWorker, engine_env
 
     path, _, cfg = smol
     actor = (
         ray.remote(RolloutWorker)
-        .options(num_cpus=0, runtime_env={"env_vars": ENGINE_ENV})
+        .options(num_cpus=0, runtime_env={"env_vars": engine_env(RolloutConfig())})
         .remote(path, cfg.rollout.model_dump(), "float32", 0, "cpu")
     )
     ray.get(actor.ready.remote(), timeout=600)

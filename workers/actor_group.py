@@ -43,13 +43,21 @@ class TrainerGroup:
         env: dict[str, str],
         timeout_s: float = 1800,
         placement=None,
+        resources: dict[str, float] | None = None,
     ) -> None:
-        """`placement`: a placement group whose bundle i holds rank i (`placement: colocate`), or None."""
+        """`placement`: a placement group whose bundle i holds rank i (`placement: colocate`), or None;
+        `resources`: Ray custom resources each rank asks for (`train.resources`)."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from workers.trainer import TrainerWorker
 
-        opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env}, "max_concurrency": 1}
+        opts = {
+            "num_cpus": num_cpus,
+            "num_gpus": num_gpus,
+            "resources": dict(resources or {}),
+            "runtime_env": {"env_vars": env},
+            "max_concurrency": 1,
+        }
 
         def bundle(rank: int) -> dict:
             if placement is None:
