@@ -415,13 +415,21 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (for example iterations=4)")
         key, value = item.split("=", 1)
+        try:
+            parsed = _coerce(value)
+        except yaml.YAMLError as e:
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ConfigError(
+                f"override '{item}': the value is not valid YAML ({problem}); check its quotes and brackets, e.g. "
+                "train.resources='{trainer_node: 1}' in a shell"
+            ) from None
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = _coerce(value)
+        node[parts[-1]] = parsed
     return tree
 
 

@@ -389,32 +389,55 @@ def engine_options(cfg: RunConfig, index: int, colocated=None) -> dict:
     return opts
 
 
-def check_nodes_see(paths: dict[str, str]) -> None:
-    """Refuse, naming the node, a model directory (by config key) that some node of the cluster cannot read:
-    the driver resolved it, the actors on every node load it."""
+def check_nodes_see(paths: dict[str, str], writable: bool = False, needs: dict[str, float] | None = None) -> None:
+    """Refuse, naming the node, a directory (by config key) that a node of the cluster cannot read (or, with
+    `writable`, write): the driver resolved or made it, actors on other nodes use it. `needs`: only the nodes
+    whose resources could hold an actor asking that much (where such an actor may land)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipeline.placement import PlanError
 
     @ray.remote(num_cpus=0)
-    def visible(dirs: list[str]) -> list[bool]:
-        return [os.path.isdir(d) for d in dirs]
+    def usable(dirs: list[str], write: bool) -> list[bool]:
+        return [os.path.isdir(d) and (not write or os.access(d, os.W_OK | os.X_OK)) for d in dirs]
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    need = {k: v for k, v in (needs or {}).items() if v > 0}
+    nodes = [
+        n
+        for n in ray.nodes()
+        if n.get("Alive") and all(n["Resources"].get(k, 0.0) + 1e-9 >= v for k, v in need.items())
+    ]
     refs = [
-        visible.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-            list(paths.values())
+        usable.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            list(paths.values()), writable
         )
         for n in nodes
     ]
     for node, seen in zip(nodes, ray.get(refs), strict=True):
         for (key, path), ok in zip(paths.items(), seen, strict=True):
             if not ok:
+                where = f"node {node['NodeManagerAddress']} ({node['NodeID'][:12]})"
+                if writable:
+                    raise PlanError(
+                        f"{key}: '{path}' is not writable from {where}, where trainer rank 0 may run and write the "
+                        "checkpoints: use a directory every node mounts (a shared filesystem), or an fsspec URL "
+                        "with a shared staging path (README, the cluster section)"
+                    )
                 raise PlanError(
-                    f"{key}: '{path}' is not visible on node {node['NodeManagerAddress']} ({node['NodeID'][:12]}), "
-                    "where actors may run: put the model (or HF_HOME, for a Hub model) on a shared filesystem "
-                    "every node mounts, or copy it to the same path on each node"
+                    f"{key}: '{path}' is not visible on {where}, where actors may run: put the model (or "
+                    "HF_HOME, for a Hub model) on a shared filesystem every node mounts, or copy it to the same "
+                    "path on each node"
                 )
+
+
+def check_output_dir_reachable(cfg: RunConfig, rundir: RunDir) -> None:
+    """Trainer rank 0 writes the checkpoints into output_dir (a URL's local staging copy) from its own node,
+    the driver everything else from its node: refuse, before any actor starts, a directory that a node that
+    may run trainer rank 0 cannot write."""
+    t = cfg.train
+    check_nodes_see(
+        {"output_dir": str(rundir.root)}, writable=True, needs={"CPU": t.num_cpus, "GPU": t.num_gpus, **t.resources}
+    )
 
 
 def start_workers(cfg: RunConfig, model_path: str) -> Workers:
@@ -489,6 +512,7 @@ def run(cfg: RunConfig) -> list[dict]:
         + ("" if cfg.verbose else f" (actors' output in {prep.rundir.root / 'logs'}/)")
     )
     init_ray(cfg)
+    check_output_dir_reachable(cfg, prep.rundir)
     with (
         ActorLogs(prep.rundir.root, stream=cfg.verbose).explaining(),
         console.status("starting vLLM engines and DeepSpeed trainers"),

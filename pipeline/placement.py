@@ -216,10 +216,18 @@ def dry_run(cfg: RunConfig, nodes: list[dict[str, float]] | None = None, params:
     width = max(32, *(len(d.name) for d in ds))
     lines = ["resource plan:"] + [f"  {d.name:{width}s} CPU {d.cpu:g}  GPU {d.gpu:g}" for d in ds]
     lines.append(f"  {'total':{width}s} CPU {sum(d.cpu for d in ds):g}  GPU {sum(d.gpu for d in ds):g}")
+    rank0 = "trainer rank 0"
     if nodes is not None:
         placed = fit(cfg, nodes)
         lines.append(f"fits the cluster ({len(nodes)} node(s)):")
         lines += [f"  {name:{width}s} -> node {i}" for name, i in placed]
+        rank0 += "".join(f" (node {i})" for name, i in placed if "trainer rank 0" in name)
+    lines += [
+        f"writes to output_dir {cfg.output_dir}:",
+        "  the driver (the node it runs on): metrics.jsonl, samples.jsonl, report.*, config.yaml, logs/",
+        f"  {rank0}: checkpoints/ (a run refuses a directory that a node able to hold it cannot write: use a "
+        "shared filesystem or an fsspec URL)",
+    ]
     if cfg.placement == "colocate" and cfg.train.num_gpus > 0:
         lines += colocated_memory_plan(cfg, params)
     return "\n".join(lines)

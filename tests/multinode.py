@@ -38,7 +38,7 @@ def main() -> None:
         info = {
             "address": cluster.address,
             "dashboard": "http://" + cluster.head_node.address_info["webui_url"],
-            "nodes": {name: node.node_id for name, node in nodes.items()},
+            "nodes": {"head": cluster.head_node.node_id} | {name: node.node_id for name, node in nodes.items()},
         }
         print(json.dumps(info), flush=True)
 

@@ -116,3 +116,11 @@ def test_reference_logps_auto_stays_auto_in_the_saved_config():
     for bf16 in (["train.bf16=true"], ["model.dtype=bfloat16"], ["rollout.num_gpus=1"]):
         assert load_config(None, bf16).resolved_reference_logps() == "forward", bf16
     assert load_config(None, ["train.reference_logps=forward"]).resolved_reference_logps() == "forward"
+
+
+def test_an_override_that_is_not_yaml_is_one_clear_error():
+    """A value YAML cannot read (an unbalanced quote from a shell) named with its key, not a scanner traceback."""
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="override 'train.resources=.*': the value is not valid YAML"):
+        load_config(None, ["train.resources={onalign_trainer: 1}'"])

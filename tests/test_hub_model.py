@@ -94,3 +94,21 @@ def test_every_node_must_see_the_model_directory(ray_cluster, model_path, tmp_pa
     check_nodes_see({"model.path": model_path})
     with pytest.raises(PlanError, match="model.path: .*gone' is not visible on node .*shared filesystem"):
         check_nodes_see({"model.path": str(tmp_path / "gone")})
+
+
+@pytest.mark.slow
+def test_an_output_dir_a_trainer_node_cannot_write_is_refused(ray_cluster, tiny_cfg, tmp_path):
+    """Issue 29: checkpoints come from trainer rank 0's node. A directory that only the driver's node sees
+    (here: one that no node has) is refused before any actor starts, naming the node and the fix."""
+    from pipeline.driver import check_output_dir_reachable
+    from pipeline.placement import PlanError
+    from pipeline.rundir import RunDir
+
+    cfg = tiny_cfg(tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    check_output_dir_reachable(cfg, RunDir(tmp_path / "out"))
+    with pytest.raises(PlanError, match="output_dir: .*elsewhere' is not writable from node .*trainer rank 0"):
+        check_output_dir_reachable(cfg, RunDir(tmp_path / "elsewhere"))
+    # only the nodes that could hold a rank are asked: none offers this resource, so none is asked
+    far = tiny_cfg(tmp_path / "out", "train.resources={onalign_nowhere: 1}")
+    check_output_dir_reachable(far, RunDir(tmp_path / "elsewhere"))

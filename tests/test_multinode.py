@@ -170,3 +170,30 @@ def test_a_lost_trainer_node_stops_the_run_clearly_and_resume_continues_it(clust
     resumed = onalign(cluster.env, out, *ACROSS, "--resume")
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     assert_same_metrics(rows_of(out), rows_of(across_nodes))
+
+
+def test_ray_job_submit_to_the_cluster(cluster, tmp_path):
+    """README's cluster commands against the three-node cluster: `ray job submit` to the head's dashboard,
+    token auth on, `--working-dir .`; the job's driver runs on the head, the actors on their nodes; exit 0 and
+    a readable report."""
+    out = tmp_path / "job"
+    env = dict(cluster.env, RAY_ADDRESS=cluster.info["dashboard"])
+    run = ["onalign", "run", *RUN, "iterations=1", f"output_dir={out}", *ACROSS, "--quiet"]
+    submit = ["ray", "job", "submit", "--working-dir", ".", "--", *run]
+    deadline = time.time() + 120
+    while True:  # the head's job agent takes a few seconds to come up after the node
+        proc = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "done: 1 iterations" in proc.stdout
+    assert [r["iteration"] for r in rows_of(out)] == [0, 1] and (out / "report.html").is_file()
+    where = json.loads((out / "logs" / "actors.json").read_text())
+    assert where["driver"]["node_id"] == cluster.node_id("head")
+    assert where["trainer-0"]["node_id"] == cluster.node_id("trainer")
+    assert where["rollout-0"]["node_id"] == cluster.node_id("engine")
+    unauthenticated = subprocess.run(
+        ["ray", "job", "list"], cwd=ROOT, env=dict(env, RAY_AUTH_MODE="disabled"), capture_output=True, text=True
+    )
+    assert unauthenticated.returncode != 0  # token authentication is on
