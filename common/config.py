@@ -37,8 +37,32 @@ class ConfigError(OnalignError, ValueError):
     """A user mistake in the config: the message names the key and the fix."""
 
 
+def _numeric(annotation) -> bool:
+    """Whether a field takes numbers (int, float, a Literal of numbers, or one of them or None) and no bool."""
+    import types
+    import typing
+
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(a, int | float) and not isinstance(a, bool) for a in args)
+    if args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        return bool(kinds) and all(_numeric(a) for a in kinds)
+    return annotation in (int, float)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info):
+        """pydantic's lax mode reads `iterations: true` as 1: a boolean where a number belongs is a mistake."""
+        if isinstance(value, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            from pydantic_core import PydanticCustomError
+
+            raise PydanticCustomError("bool_for_number", "expects a number, got the boolean {value}", {"value": value})
+        return value
 
 
 class ModelConfig(_Section):
@@ -266,6 +290,14 @@ class RunConfig(_Section):
     seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's and vLLM's seeds are unsigned 32-bit
     iterations: int = Field(3, ge=0)
     output_dir: str = "runs/onalign"
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_given(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("output_dir is empty: give the run a directory of its own, e.g. output_dir=runs/mine")
+        return value
+
     # true / "auto": continue after the last complete checkpoint in output_dir (a fresh start if none).
     resume: bool | Literal["auto"] = False
     keep_checkpoints: int = Field(2, ge=1)
@@ -337,6 +369,11 @@ class RunConfig(_Section):
             raise ValueError(
                 f"selection.rho={self.selection.rho} has no effect with selection.mode=all; "
                 "use selection.mode=lowest_reward (OPTune) or random"
+            )
+        if method.pairs == "ground_truth" and self.selection.mode != "all" and self.selection.score == "pair_mean":
+            raise ValueError(
+                f"selection.score=pair_mean with {a.name}: its chosen response is the dataset's ground truth, which "
+                "is never scored, so a pair's mean reward says nothing; use selection.score=best_reward"
             )
         if self.data.prompts_per_iteration is not None and self.selection.mode != "all":
             raise ValueError(
@@ -448,7 +485,9 @@ def read_yaml_tree(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     if p.resolve() in _seen:
         raise ConfigError(f"config file '{p}' includes itself through 'base'")
     try:
-        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        text = p.read_text(encoding="utf-8")
+        _refuse_repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader), p)
+        tree = yaml.safe_load(text) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
     if not isinstance(tree, dict):
@@ -457,6 +496,24 @@ def read_yaml_tree(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     if base is not None:
         tree = _merge(read_yaml_tree(p.parent / base, (*_seen, p.resolve())), tree)
     return tree
+
+
+def _refuse_repeated_keys(node, path: Path, where: str = "") -> None:
+    """A key given twice in one mapping (YAML keeps the last silently): one line naming it and both lines."""
+    if isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        for key_node, value_node in node.value:
+            key = f"{where}{key_node.value}"
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise ConfigError(
+                    f"config file '{path}': '{key}' is given twice (lines {first[key]} and {line}); keep one"
+                )
+            first[key] = line
+            _refuse_repeated_keys(value_node, path, f"{key}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_repeated_keys(item, path, where)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:

@@ -33,3 +33,11 @@ def cached_build(final: Path, build) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub must not be asked (HF_HUB_OFFLINE, as huggingface_hub reads it)."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    return flag or bool(constants.HF_HUB_OFFLINE)

@@ -42,8 +42,22 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; `run`'s key=value overrides may come before or after its flags (argparse alone takes
+    a positional after a flag as an unrecognized argument)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown or (overrides and args.command != "run"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse(argv)
     if args.command == "run":
         _stop_on_sigterm()
     try:

@@ -40,8 +40,8 @@ def _check_utf8(path: Path) -> None:
             offset += len(line)
 
 
-def open_dataset(source: str, cfg: DataConfig):
-    """A `datasets.Dataset` for a local file/dir or a hub name."""
+def open_dataset(source: str, cfg: DataConfig, key: str = "data.train"):
+    """A `datasets.Dataset` for a local file/dir or a hub name (`key`: the setting that named it)."""
     import datasets
 
     path = Path(source)
@@ -76,11 +76,46 @@ def open_dataset(source: str, cfg: DataConfig):
                 datasets.logging.set_verbosity(verbosity)
         if source.startswith((".", "/")) or path.suffix.lower() in FORMATS:
             raise DataError(f"data file '{source}' does not exist; fix data.train / data.eval")
+        _check_hub_dataset(source, key)
         return datasets.load_dataset(source, cfg.subset, split=cfg.split, revision=cfg.revision)
     except DataError:
         raise
     except Exception as e:  # parser errors from datasets/pyarrow: keep the file name in front
         raise DataError(f"{source}: could not be read as a dataset ({_root_cause(e)})") from None
+
+
+def _check_hub_dataset(name: str, key: str) -> None:
+    """A name that is no local path: in the datasets cache when HF_HUB_OFFLINE is set, else asked of the Hub
+    once (10 s at most, no retries). Every miss says first that no such local path exists (a typo in a path
+    such as data/train looks like a Hub name)."""
+    import os
+
+    from pipeline.cache import hub_offline
+
+    where = f"{key} '{name}' is no file or directory (relative to {Path.cwd()})"
+    if hub_offline():
+        import datasets
+
+        try:
+            datasets.load_dataset_builder(name)  # the local cache only, under HF_HUB_OFFLINE
+        except Exception:
+            raise DataError(
+                f"{where}, and no Hub dataset '{name}' is in the local cache (HF_HUB_OFFLINE is set, so the Hub is "
+                "not asked); fix the path, or download the dataset first"
+            ) from None
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).dataset_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise DataError(f"{where}, and the Hub has no dataset '{name}' (a private one needs `hf auth login`)") from None
+    except Exception as e:  # no network, DNS, proxy, TLS: one try, no minute of retries
+        raise DataError(
+            f"{where}, and the Hub cannot be reached ({type(e).__name__}); fix the path, or set HF_HUB_OFFLINE=1 "
+            "to use the datasets cache only"
+        ) from None
 
 
 def _split_of(dd, cfg: DataConfig, path: Path):
@@ -244,10 +279,12 @@ def _chat_row(messages, source: str, row: int, column: str) -> dict:
 
 
 def rows_of(ds, cfg: DataConfig, source: str, indices: list[int]) -> list[dict]:
-    """The rows at `indices` (dataset row numbers, 0-based, which error messages quote)."""
+    """The rows at `indices` (dataset row numbers, 0-based; error messages quote them 1-based, as an editor
+    counts the lines of a JSONL or CSV file's records)."""
     prompt_col, chat_col, target_col = _columns(ds, cfg, source)
     out = []
-    for i, row in zip(indices, ds.select(indices), strict=True):
+    for index, row in zip(indices, ds.select(indices), strict=True):
+        i = index + 1
         if prompt_col is not None:
             item = _prompt_row(row[prompt_col], source, i, prompt_col)
         else:
@@ -276,7 +313,7 @@ def load_rows(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
         eval_rows = rows_of(train, cfg, cfg.train, order[:n_eval])
         order = order[n_eval:]
     else:
-        eval_ds = open_dataset(cfg.eval, cfg)
+        eval_ds = open_dataset(cfg.eval, cfg, "data.eval")
         eval_order = [int(i) for i in np.random.default_rng(seed).permutation(len(eval_ds))]
         eval_rows = rows_of(eval_ds, cfg, cfg.eval, eval_order[: cfg.num_eval_prompts])
     return rows_of(train, cfg, cfg.train, order[: cfg.num_train_prompts]), eval_rows

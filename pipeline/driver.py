@@ -14,6 +14,7 @@ import ray
 
 from common.config import BUILTIN_MODEL, BUILTIN_REWARD_MODEL, BUILTIN_SMOLLM2, RunConfig
 from common.methods import get_method
+from pipeline.cache import hub_offline
 from pipeline.checkpoint import ResumeError, check_fingerprint, check_resume_config, fingerprint_of, plan_resume
 from pipeline.console import ActorLogs, Console, record_placement
 from pipeline.data import DataError, PromptSet, load_prompt_sets
@@ -86,13 +87,6 @@ def _check_model_files(p: Path, key: str) -> None:
         )
 
 
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-    return flag or bool(constants.HF_HUB_OFFLINE)
-
-
 def _cached_snapshot(name: str) -> str | None:
     """The local HF cache's copy of hub model `name` (no network), or None."""
     from huggingface_hub import snapshot_download
@@ -120,7 +114,7 @@ def _check_hub_model(name: str, key: str) -> None:
         _check_model_files(Path(snapshot), key)
         return
     fix = f"fix {key}, or download the model first (`hf download {name}`)"
-    if _hub_offline():
+    if hub_offline():
         raise FileNotFoundError(
             f"{where}, and no Hub model '{name}' is in the local Hugging Face cache (HF_HUB_OFFLINE is set, so the "
             f"Hub is not asked); {fix}"

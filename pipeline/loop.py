@@ -144,7 +144,8 @@ class Loop:
             {
                 "iteration": it,
                 "rollout_rewards": rollout.scored["rewards"],
-                "pair_weights": row.pop("pair_weights", None),
+                "pair_weights": row.pop("pair_weights", None),  # wdpo, in prompt order
+                "pair_prompts": row.pop("pair_prompts", None),  # the prompt of each weight
             }
         )
         return row

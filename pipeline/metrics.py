@@ -68,7 +68,8 @@ def merge_rank_stats(per_rank: list[dict]) -> dict:
     keys = {k for s in per_rank for k in s if k not in ("steps", "trained_pairs", "pair_weights")}
     for k in sorted(keys):
         out[k] = sum(s[k] * s["trained_pairs"] for s in per_rank if k in s) / max(total, 1)
-    weights = [w for s in per_rank for w in s.get("pair_weights", [])]
+    weights = sorted(pair for s in per_rank for pair in s.get("pair_weights", []))  # prompt order
     if weights:
-        out["pair_weights"] = weights
+        out["pair_prompts"] = [p for p, _ in weights]
+        out["pair_weights"] = [w for _, w in weights]
     return out

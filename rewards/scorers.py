@@ -44,6 +44,12 @@ def load_function(spec: str) -> ScoreFn:
         raise RewardError(
             f"reward.function '{spec}': {e.filename}, line {e.lineno}: {e.msg}; fix the reward file"
         ) from None
+    except Exception as e:  # the module's own code failed while it was imported (a missing file, a bad import)
+        text = " ".join(str(e).split())[:300]
+        raise RewardError(
+            f"reward.function '{spec}': importing the module '{module_name}' failed ({type(e).__name__}: {text}); "
+            "the error is in the reward module's top-level code: fix it there"
+        ) from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise RewardError(f"reward.function '{spec}': module '{module_name}' has no function '{fn_name}'")

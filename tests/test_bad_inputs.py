@@ -372,3 +372,42 @@ def test_a_real_run_makes_the_same_checks_before_ray(files, tmp_path, capsys, ov
     ours = [line for line in err.splitlines() if line.startswith("onalign:")]
     assert "Traceback" not in err and len(ours) == 1 and names in ours[0], err
     assert not (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_overrides_may_follow_the_flags(tmp_path, capsys):
+    """`onalign run CONFIG --dry-run key=value` (issue 31): argparse refused the override after the flag."""
+    from pipeline.cli import main
+
+    code = main(["run", "configs/demo-cpu.yaml", "--dry-run", f"output_dir={tmp_path / 'o'}", "iterations=2"])
+    assert code == 0 and "resource plan" in capsys.readouterr().out
+
+
+def test_a_reward_module_that_fails_on_import_is_named(tmp_path):
+    from common.errors import RewardError
+    from rewards.scorers import load_function
+
+    bad = tmp_path / "opens_missing.py"
+    bad.write_text("open('/nonexistent/table.csv')\n\ndef score(p, r, refs):\n    return [0.0] * len(r)\n")
+    with pytest.raises(RewardError, match="opens_missing.py:score': importing the module .*failed.*No such file"):
+        load_function(f"{bad}:score")
+
+
+@pytest.mark.parametrize("offline", ["1", "0"])
+def test_a_data_path_typo_is_named_at_once(files, tmp_path, capsys, monkeypatch, offline):
+    """`data.train=data/train` (no such file or directory here) is taken for a Hub dataset: it was retried
+    five times (35 s) and ended with 'is not cached in None'. Now one line, at once, that says it is no local
+    path first, with HF_HUB_OFFLINE set or with a Hub that cannot be reached."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline == "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    cfg = str(Path(DEMO).resolve())
+    monkeypatch.chdir(tmp_path)
+    t = time.monotonic()
+    assert main(["run", cfg, "data.train=data/train", f"output_dir={tmp_path / 'out'}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - t < 15
+    assert "data.train 'data/train' is no file or directory (relative to" in err, err
+    assert ("HF_HUB_OFFLINE is set" in err) if offline == "1" else ("the Hub cannot be reached" in err), err
+    assert "Traceback" not in err

@@ -124,3 +124,42 @@ def test_an_override_that_is_not_yaml_is_one_clear_error():
 
     with pytest.raises(ConfigError, match="override 'train.resources=.*': the value is not valid YAML"):
         load_config(None, ["train.resources={onalign_trainer: 1}'"])
+
+
+# ---------------------------------------------------------------- issue 31: the last silent answers
+@pytest.mark.parametrize("override", ["iterations=true", "train.lr=false", "rollout.num_gpus=true", "seed=false"])
+def test_a_boolean_for_a_number_is_refused(override):
+    """pydantic's lax mode took `iterations=true` as 1."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"config key '{key}': expects a number, got the boolean"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("iterations: 1\nseed: 3\niterations: 6\n", "'iterations' is given twice .*lines 1 and 3"),
+        ("train:\n  lr: 1.0e-4\n  epochs: 1\n  lr: 2.0e-4\n", "'train.lr' is given twice .*lines 2 and 4"),
+    ],
+)
+def test_a_key_given_twice_in_yaml_is_refused_with_both_lines(tmp_path, text, message):
+    """YAML keeps the last of two equal keys without a word."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_an_empty_output_dir_is_refused():
+    with pytest.raises(ConfigError, match="output_dir is empty"):
+        load_config(None, ["output_dir="])
+
+
+def test_spin_with_pair_mean_selection_is_refused():
+    """SPIN's chosen response is the ground truth, which is never scored: its pair mean is meaningless."""
+    with pytest.raises(ConfigError, match="selection.score=pair_mean .*spin"):
+        load_config(
+            None,
+            ["algorithm.name=spin", "rollout.n_samples=1", "selection.mode=lowest_reward", "selection.rho=0.5"]
+            + ["selection.score=pair_mean"],
+        )

@@ -101,7 +101,7 @@ def test_filtering_counts_empty_duplicate_and_long(tmp_path, tok):
         (
             "not_string.jsonl",
             '{"prompt": "a b"}\n{"prompt": "c d"}\n{"prompt": 5}\n',
-            "row 2, column 'prompt': expected a string",
+            "row 3, column 'prompt': expected a string",  # 1-based, as editors count lines
         ),
         ("bad_json.jsonl", '{"prompt": "a"\n', "could not be read"),
         ("empty.jsonl", "", "the file is empty"),

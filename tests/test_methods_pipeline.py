@@ -16,9 +16,9 @@ import torch
 
 from common.config import AlgorithmConfig
 from common.methods import get_method
-from common.records import Rollout
+from common.records import PreferenceGroup, Rollout
 from rewards.actor import RewardWorker
-from workers.losses import LOSSES
+from workers.losses import LOSSES, wdpo_weights
 from workers.trainer import apo_extrapolate, loss_inputs, micro_batches, rank_pair_weights, shard_for_rank
 
 WORDS = ["abc", "defg", "hij", "klmn", "opq", "rstu", "vwx", "yzab"]
@@ -287,3 +287,44 @@ def test_spin_ground_truth_is_never_taken_from_the_rollout(tiny):
     assert {(i, 0) for i in range(len(groups))} <= set(missing)  # y+ = the ground truth: no sampled log-prob
     assert not {(i, 1) for i in range(current)} & set(missing)  # y- sampled this iteration: from the rollout
     assert {(i, 1) for i in range(current, len(groups))} <= set(missing)  # y- of the previous iteration
+
+
+def test_the_groups_left_out_for_equal_shards_rotate_over_iterations():
+    """Issue 31: len % world groups cannot be shared out equally (every rank runs the same number of collective
+    steps). They were the same last groups every iteration (with SPIN, the mixed-in previous pairs), so those
+    prompts never trained; now which ones wait rotates with the iteration, and every group trains."""
+    groups = list(range(7))
+    world = 3
+    trained_over_time = set()
+    for iteration in range(1, 8):
+        shards = [shard_for_rank(groups, rank, world, iteration) for rank in range(world)]
+        assert len({len(s) for s in shards}) == 1 and sum(map(len, shards)) == 6
+        assert len(set().union(*shards)) == 6  # no group twice
+        trained_over_time |= set().union(*shards)
+    assert trained_over_time == set(groups)
+    # the weights of a rank's shard are still those of its own groups (wDPO normalises over what trains)
+    pairs = [PreferenceGroup(i, [5], [[6], [7]], [float(i), 0.0]) for i in range(7)]
+    cfg = AlgorithmConfig(name="wdpo", wdpo_beta2=1.0, wdpo_normalize_weights=False)
+    for rank in range(world):
+        shard = shard_for_rank(pairs, rank, world, 4)
+        expected = torch.exp(torch.tensor([g.rewards[0] for g in shard]))
+        assert torch.allclose(rank_pair_weights(pairs, rank, world, cfg, 4), expected)
+
+
+@pytest.mark.slow
+def test_wdpo_pair_weights_in_samples_belong_to_their_prompts(run_tiny, tmp_path):
+    """Issue 31: samples.jsonl held the weights in micro-batch order, so the report set them against the
+    wrong prompts. Each weight now comes with its prompt, and equals g(beta2 * gap) of that prompt's pair,
+    recomputed here from the rewards the rollout recorded (best against worst of its samples)."""
+    import json
+
+    run_tiny("iterations=1", "algorithm.name=wdpo", "algorithm.wdpo_beta2=2.0", "algorithm.nll_coef=0", out=tmp_path)
+    record = next(
+        r for r in map(json.loads, (tmp_path / "samples.jsonl").read_text().splitlines()) if r.get("pair_weights")
+    )
+    prompts, weights, rewards = record["pair_prompts"], record["pair_weights"], record["rollout_rewards"]
+    assert prompts == sorted(prompts) and len(prompts) == len(weights)
+    n = 4  # rollout.n_samples of the demo config; selection.mode=all: prompt p has samples n*p .. n*p+n-1
+    gaps = torch.tensor([max(rewards[n * p : n * p + n]) - min(rewards[n * p : n * p + n]) for p in prompts])
+    expected = wdpo_weights(gaps, AlgorithmConfig(name="wdpo", wdpo_beta2=2.0))
+    assert torch.allclose(torch.tensor(weights), expected, atol=1e-5)

@@ -128,13 +128,15 @@ def test_submit_run_to_success_then_stop_mid_run(head, tmp_path):
 
     out2 = tmp_path / "job2"
     job2 = submit(head, out2, 50)
-    deadline = time.time() + 600
-    while not (out2 / "checkpoints" / "iter_1" / "state.json").is_file() and time.time() < deadline:
-        time.sleep(2)
-    assert ray_job(head, "stop", job2, timeout=180).returncode == 0
-    assert status(head, job2) == "stopped"
     from pipeline.rundir import RunDir
 
+    deadline = time.time() + 600
+    # any complete checkpoint: an iteration of this run takes about a second, and keep_checkpoints=2 prunes
+    # iter_1 soon after (waiting for iter_1 itself could miss it and wait out the deadline)
+    while not RunDir(out2).complete_checkpoints() and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray_job(head, "stop", job2, timeout=180).returncode == 0
+    assert status(head, job2) == "stopped"
     rd = RunDir(out2)
     done = rd.complete_checkpoints()
     assert done, "a completed iteration must leave a checkpoint"

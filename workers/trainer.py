@@ -36,11 +36,21 @@ StateDict = dict[str, torch.Tensor]
 T = TypeVar("T")
 
 
-def shard_for_rank(groups: list[T], rank: int, world: int) -> list[T]:
-    """Equal-sized strided shards (the remainder of len % world is dropped so that every rank runs the
-    same number of collective steps)."""
-    usable = len(groups) - len(groups) % world
-    return groups[:usable][rank::world]
+def trained_order(n: int, world: int, rotate: int = 0) -> list[int]:
+    """The indices of the n groups that train this iteration, in the order the ranks stride over them. Every
+    rank must run the same number of collective steps, so n % world groups wait; which ones rotates with
+    `rotate` (the iteration), so no group waits every time (with SPIN, the mixed-in previous pairs were the
+    last ones, and never trained)."""
+    if n == 0:
+        return []
+    start = (rotate * (n % world)) % n
+    order = [*range(start, n), *range(start)]
+    return order[: n - n % world]
+
+
+def shard_for_rank(groups: list[T], rank: int, world: int, rotate: int = 0) -> list[T]:
+    """Rank `rank`'s equal-sized strided shard of the groups that train (`trained_order`)."""
+    return [groups[i] for i in trained_order(len(groups), world, rotate)[rank::world]]
 
 
 def free_port() -> int:
@@ -57,12 +67,15 @@ def flatten(groups: list[PreferenceGroup]) -> tuple[list[list[int]], list[list[i
     return [g.prompt_ids for g in groups for _ in g.responses], [r for g in groups for r in g.responses]
 
 
-def rank_pair_weights(groups: list[PreferenceGroup], rank: int, world: int, cfg: AlgorithmConfig) -> torch.Tensor:
-    """OPTune's wDPO weights of this rank's shard, normalised over the pairs that all ranks train on
-    together, so a pair's weight does not depend on the rank or micro-batch it lands in."""
-    trained = groups[: len(groups) - len(groups) % world]
-    gaps = torch.tensor([g.rewards[0] - g.rewards[-1] for g in trained], dtype=torch.float32)
-    return wdpo_weights(gaps, cfg)[torch.tensor(shard_for_rank(list(range(len(trained))), rank, world))]
+def rank_pair_weights(
+    groups: list[PreferenceGroup], rank: int, world: int, cfg: AlgorithmConfig, rotate: int = 0
+) -> torch.Tensor:
+    """OPTune's wDPO weights of this rank's shard (`shard_for_rank` with the same `rotate`), normalised over
+    the pairs that all ranks train on together, so a pair's weight does not depend on the rank or micro-batch
+    it lands in."""
+    order = trained_order(len(groups), world, rotate)
+    gaps = torch.tensor([groups[i].rewards[0] - groups[i].rewards[-1] for i in order], dtype=torch.float32)
+    return wdpo_weights(gaps, cfg)[rank::world]
 
 
 def loss_inputs(
@@ -462,12 +475,13 @@ class TrainerWorker:
         Rank 0 counts its optimizer steps on `progress` (every rank runs the same number)."""
         import deepspeed
 
-        indices = shard_for_rank(list(range(len(batch.groups))), self.rank, self.world)
-        if not indices:
+        shard = shard_for_rank(batch.groups, self.rank, self.world, iteration)
+        if not shard:
             return {"steps": 0, "trained_pairs": 0}
-        shard = [batch.groups[i] for i in indices]
         weights = (
-            rank_pair_weights(batch.groups, self.rank, self.world, self.algo_cfg) if self.method.weighted else None
+            rank_pair_weights(batch.groups, self.rank, self.world, self.algo_cfg, iteration)
+            if self.method.weighted
+            else None
         )
         ref_logps, from_rollout = self._reference_logps(shard, iteration) if self.method.needs_reference else (None, 0)
         model = self._model(self.weights)
@@ -492,11 +506,12 @@ class TrainerWorker:
         del engine, model
         collect()
         out = {"steps": len(losses), "trained_pairs": len(shard), "loss": statistics.fmean(losses)}
+        out["groups_waiting"] = len(batch.groups) % self.world  # left for a later iteration (`trained_order`)
         if ref_logps is not None:
             out["ref_logps_from_rollout"] = from_rollout / ref_logps.numel()
         out.update({k: statistics.fmean(v) for k, v in stats.items()})
-        if "pair_weight" in stats:
-            out["pair_weights"] = stats["pair_weight"][: len(shard)]
+        if weights is not None:  # (prompt, weight) of each pair this rank trained, for samples.jsonl
+            out["pair_weights"] = [(g.prompt_index, float(w)) for g, w in zip(shard, weights, strict=True)]
         return out
 
     def _fit(
