@@ -230,7 +230,7 @@ def _check_all(cfg: RunConfig, create: bool) -> tuple[Prepared, dict]:
     if cfg.reward.kind == "function":
         from rewards.scorers import load_function
 
-        load_function(cfg.reward.function)  # a typo in module:function fails here, not in an actor
+        load_function(cfg.reward.function)  # a typo in module:function fails here, before the data loads
     if cfg.reward.kind == "model":
         rm = resolve_reward_model(cfg)  # builds the tiny RM once, before any actor
         load_tokenizer(_model_dir(rm, "reward.model_path"), "reward.model_path", cfg.reward.trust_remote_code)
@@ -240,12 +240,33 @@ def _check_all(cfg: RunConfig, create: bool) -> tuple[Prepared, dict]:
     tokenizer = load_tokenizer(model_path, "model.path", cfg.model.trust_remote_code)
     train, eval_set = load_prompt_sets(cfg.data, tokenizer, cfg.seed)
     check_trainable(cfg, train, eval_set)
+    check_reward(cfg, train)
     if rundir.resume_from:
         state = rundir.load_state(rundir.resume_from)
         check_fingerprint(
             state, fingerprint_of(cfg, len(train), len(eval_set)), rundir.checkpoint_path(rundir.resume_from)
         )
     return Prepared(cfg, model_path, train, eval_set, rundir), changes
+
+
+# How many dataset rows the reward is tried on before any actor starts.
+REWARD_PROBE_ROWS = 4
+
+
+def check_reward(cfg: RunConfig, train: PromptSet) -> None:
+    """Call the reward once, on the first few train prompts with their reference answers (empty where the data
+    has none), through the same validation the reward actor applies: a reward that raises, returns NaN, the
+    wrong count or no numbers, or a remote server that cannot be reached or answers garbage, stops the run in
+    seconds, not after the actors' start-up. A reward model (`reward.kind: model`) is checked by its actor:
+    loading it here would double its start-up."""
+    if cfg.reward.kind == "model":
+        return
+    from rewards.scorers import make_scorer, score
+
+    name, fn = make_scorer(cfg.reward)
+    k = min(REWARD_PROBE_ROWS, len(train))
+    refs = train.references[:k]
+    score(name, fn, train.texts[:k], [r or "" for r in refs], refs)
 
 
 def check_trainable(cfg: RunConfig, train: PromptSet, eval_set: PromptSet) -> None:

@@ -109,7 +109,14 @@ class RemoteScorer:
         last = ""
         for attempt in range(self.retries + 1):
             try:
-                answer = json.loads(self._request(body))
+                raw = self._request(body)
+                try:
+                    answer = json.loads(raw)
+                except ValueError:  # the server is up: retrying will not make its answer JSON
+                    raise RewardError(
+                        f'remote reward {self.url} answered, but not with JSON (it must answer {{"scores": [...]}}; '
+                        f"it sent {raw[:120]!r}): check the URL's path and what the server returns"
+                    ) from None
                 if not isinstance(answer, dict) or "scores" not in answer:
                     raise RewardError(f"remote reward {self.url} answered without a 'scores' list: {str(answer)[:200]}")
                 return answer["scores"]

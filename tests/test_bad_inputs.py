@@ -39,6 +39,29 @@ def jsonl(path: Path, rows) -> str:
     return str(path)
 
 
+def score_server() -> str:
+    """A remote reward server on loopback that gives every response 0.5 (lives as long as the test process)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Scores(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            answer = json.dumps({"scores": [0.5] * len(body["responses"])}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Scores)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/score"
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, model_path) -> dict[str, str]:
     """Every bad (and good) file the corpus points at, made once."""
@@ -46,7 +69,7 @@ def files(tmp_path_factory, model_path) -> dict[str, str]:
 
     datasets.disable_progress_bars()
     d = tmp_path_factory.mktemp("inputs")
-    f: dict[str, str] = {"dir": str(d)}
+    f: dict[str, str] = {"dir": str(d), "score_url": score_server()}
     good = [{"prompt": f"reverse: {w}", "response": w[::-1]} for w in WORDS]
     f["good"] = jsonl(d / "good.jsonl", good)
     f["conv"] = jsonl(
@@ -271,7 +294,7 @@ GOOD = [
     ("trl-conversational", ["data.train={conv}"]),
     ("dataset-dict", ["data.train={dd}"]),
     ("dataset-dict-split", ["data.train={dd}", "data.split=test", "data.eval={good}"]),
-    ("remote-reward", ["reward.kind=remote", "reward.url=http://127.0.0.1:8000/score"]),
+    ("remote-reward", ["reward.kind=remote", "reward.url={score_url}"]),  # called once by the checks
     ("spin-with-targets", ["data.train={good}", "algorithm.name=spin", "rollout.n_samples=1"]),
 ]
 

@@ -130,14 +130,17 @@ def test_dry_run_prints_plan_and_refuses_what_cannot_fit(ray_cluster, capsys, tm
         ("short", "returned 1 scores for"),
     ],
 )
-def test_bad_reward_stops_clearly_and_keeps_completed_iterations(run_tiny, tmp_path, faulty, fn, message):
+def test_bad_reward_stops_clearly_and_keeps_completed_iterations(
+    run_tiny, workers, tiny_cfg, tmp_path, faulty, fn, message
+):
     mode = Path(faulty).with_suffix(".mode")
     mode.unlink(missing_ok=True)
     run_tiny("iterations=1", f"reward.function={faulty}:switch", out=tmp_path)
     before = lines(tmp_path / "metrics.jsonl")
-    mode.write_text(fn)  # the reward starts failing in iteration 2
+    prep = prepare(tiny_cfg(tmp_path, "iterations=2", "resume=true", f"reward.function={faulty}:switch"))
+    mode.write_text(fn)  # the reward starts failing in iteration 2, after the start-up check called it
     with pytest.raises(PipelineError) as e:
-        run_tiny("iterations=2", "resume=true", f"reward.function={faulty}:switch", out=tmp_path)
+        run_with_workers(prep, workers)
     mode.unlink()
     assert message in str(e.value)
     assert lines(tmp_path / "metrics.jsonl") == before  # completed iterations intact
@@ -258,3 +261,55 @@ def test_killed_trainer_gives_clear_stop_then_resume_works(workers, tiny_cfg, tm
         group2.kill()
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     assert os.path.isdir(tmp_path / "checkpoints" / "iter_3")
+
+
+@pytest.mark.parametrize(
+    "fn,message",
+    [
+        ("boom", "raised RuntimeError: reward server unreachable"),
+        ("nan", "returned nan for sample 3"),
+        ("short", "returned 1 scores for 4 responses"),
+        ("inf", "returned inf"),
+    ],
+)
+def test_a_reward_that_always_fails_is_refused_before_any_actor(tiny_cfg, tmp_path, faulty, fn, message):
+    """Issue 31: README says the reward is checked before any actor starts, but only its import was; a reward
+    that fails on every call was found after 45-63 s of start-up. Now it is called once on a few dataset rows
+    (their reference answers) in the checks a run and --dry-run make, and nothing is written."""
+    import time
+
+    from common.errors import RewardError
+    from pipeline.driver import check_run
+
+    t = time.monotonic()
+    with pytest.raises(RewardError, match=message):
+        check_run(tiny_cfg(tmp_path / "out", f"reward.function={faulty}:{fn}"))
+    assert time.monotonic() - t < 30 and not (tmp_path / "out").exists()
+
+
+def test_a_remote_reward_answering_malformed_json_gets_a_fitting_hint(tiny_cfg, tmp_path):
+    """The server is up and answers, but not JSON: 'check that the server is up' did not fit that failure."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from common.errors import RewardError
+    from pipeline.driver import check_run
+
+    class NotJSON(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>502 Bad Gateway</html>")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), NotJSON)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/score"
+        with pytest.raises(RewardError, match='answered, but not with JSON .*"scores"'):
+            check_run(tiny_cfg(tmp_path / "out", "reward.kind=remote", f"reward.url={url}", "reward.retries=0"))
+    finally:
+        server.shutdown()
