@@ -4,7 +4,8 @@ for the multi-node tests and for trying the cluster path by hand:
     python tests/multinode.py          # prints one JSON line (addresses, node ids), then reads commands:
     remove trainer | add trainer | remove engine | add engine | stop
 
-Nodes: a head with 1 CPU and no trainer or engine resources (a submitted job's driver, the reward actor), a
+Nodes: a head with 1 CPU and no trainer or engine resources (a submitted job's driver; the reward actor with
+`reward.resources={onalign_head: 1}`), a
 `trainer` node (2 CPUs, custom resource onalign_trainer: 2) and an `engine` node (2 CPUs, onalign_engine: 1).
 Runs place their actors there with `train.resources={onalign_trainer: 1}` and
 `rollout.resources={onalign_engine: 1}`. Token authentication stays on: start it with RAY_AUTH_MODE=token
@@ -29,7 +30,12 @@ def main() -> None:
     cluster = Cluster(
         initialize_head=True,
         connect=False,
-        head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_port": 0},
+        head_node_args={
+            "num_cpus": 1,
+            "resources": {"onalign_head": 1},
+            "include_dashboard": True,
+            "dashboard_port": 0,
+        },
     )
     nodes = {name: cluster.add_node(**spec) for name, spec in NODES.items()}
     cluster.wait_for_nodes()

@@ -31,7 +31,11 @@ RUN = [
     "tensorboard=false",
     "call_timeout_s=300",
 ]
-ACROSS = ["train.resources={onalign_trainer: 1}", "rollout.resources={onalign_engine: 1}"]
+ACROSS = [
+    "train.resources={onalign_trainer: 1}",
+    "rollout.resources={onalign_engine: 1}",
+    "reward.resources={onalign_head: 1}",  # else Ray may put it on the trainer node, and the loss takes it too
+]
 COMPARED = ["eval_reward_mean", "reward_mean", "loss", "pair_accuracy", "pairs", "generated_tokens"]
 
 
@@ -124,6 +128,7 @@ def test_trainers_and_engine_on_their_own_nodes(cluster, across_nodes, tmp_path)
     where = json.loads((across_nodes / "logs" / "actors.json").read_text())
     assert where["trainer-0"]["node_id"] == where["trainer-1"]["node_id"] == cluster.node_id("trainer")
     assert where["rollout-0"]["node_id"] == cluster.node_id("engine")
+    assert where["reward"]["node_id"] == cluster.node_id("head")
     assert len((across_nodes / "metrics.jsonl").read_text().splitlines()) == 4
     assert (across_nodes / "checkpoints" / "iter_3" / "state.json").is_file()  # written from the trainer node
 
@@ -132,6 +137,33 @@ def test_trainers_and_engine_on_their_own_nodes(cluster, across_nodes, tmp_path)
     proc = onalign(local, single, "ray_num_cpus=2")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert_same_metrics(rows_of(across_nodes), rows_of(single))
+
+
+def test_ray_job_submit_to_the_cluster(cluster, tmp_path):
+    """README's cluster commands against the three-node cluster: `ray job submit` to the head's dashboard,
+    token auth on, `--working-dir .`; the job's driver runs on the head, the actors on their nodes; exit 0 and
+    a readable report."""
+    out = tmp_path / "job"
+    env = dict(cluster.env, RAY_ADDRESS=cluster.info["dashboard"])
+    run = ["onalign", "run", *RUN, "iterations=1", f"output_dir={out}", *ACROSS, "--quiet"]
+    submit = ["ray", "job", "submit", "--working-dir", ".", "--", *run]
+    deadline = time.time() + 300
+    while True:  # the head's job agent takes a few seconds (on a loaded machine, minutes) to come up
+        proc = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "done: 1 iterations" in proc.stdout
+    assert [r["iteration"] for r in rows_of(out)] == [0, 1] and (out / "report.html").is_file()
+    where = json.loads((out / "logs" / "actors.json").read_text())
+    assert where["driver"]["node_id"] == cluster.node_id("head")
+    assert where["trainer-0"]["node_id"] == cluster.node_id("trainer")
+    assert where["rollout-0"]["node_id"] == cluster.node_id("engine")
+    unauthenticated = subprocess.run(
+        ["ray", "job", "list"], cwd=ROOT, env=dict(env, RAY_AUTH_MODE="disabled"), capture_output=True, text=True
+    )
+    assert unauthenticated.returncode != 0  # token authentication is on
 
 
 def test_a_lost_trainer_node_stops_the_run_clearly_and_resume_continues_it(cluster, across_nodes, tmp_path):
@@ -170,30 +202,3 @@ def test_a_lost_trainer_node_stops_the_run_clearly_and_resume_continues_it(clust
     resumed = onalign(cluster.env, out, *ACROSS, "--resume")
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     assert_same_metrics(rows_of(out), rows_of(across_nodes))
-
-
-def test_ray_job_submit_to_the_cluster(cluster, tmp_path):
-    """README's cluster commands against the three-node cluster: `ray job submit` to the head's dashboard,
-    token auth on, `--working-dir .`; the job's driver runs on the head, the actors on their nodes; exit 0 and
-    a readable report."""
-    out = tmp_path / "job"
-    env = dict(cluster.env, RAY_ADDRESS=cluster.info["dashboard"])
-    run = ["onalign", "run", *RUN, "iterations=1", f"output_dir={out}", *ACROSS, "--quiet"]
-    submit = ["ray", "job", "submit", "--working-dir", ".", "--", *run]
-    deadline = time.time() + 120
-    while True:  # the head's job agent takes a few seconds to come up after the node
-        proc = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        if "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:
-            break
-        time.sleep(3)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "done: 1 iterations" in proc.stdout
-    assert [r["iteration"] for r in rows_of(out)] == [0, 1] and (out / "report.html").is_file()
-    where = json.loads((out / "logs" / "actors.json").read_text())
-    assert where["driver"]["node_id"] == cluster.node_id("head")
-    assert where["trainer-0"]["node_id"] == cluster.node_id("trainer")
-    assert where["rollout-0"]["node_id"] == cluster.node_id("engine")
-    unauthenticated = subprocess.run(
-        ["ray", "job", "list"], cwd=ROOT, env=dict(env, RAY_AUTH_MODE="disabled"), capture_output=True, text=True
-    )
-    assert unauthenticated.returncode != 0  # token authentication is on
