@@ -24,20 +24,28 @@ NODES = {
 }
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agent_ports() -> dict[str, int]:
+    """Ports of a node's agents, free ones: another Ray on this machine (the test session's own) holds Ray's
+    defaults, and a head whose job agent cannot bind answers 'No available agent to submit job'."""
+    keys = ("dashboard_agent_listen_port", "metrics_agent_port", "metrics_export_port", "runtime_env_agent_port")
+    return {key: free_port() for key in keys}
+
+
 def main() -> None:
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args={
-            "num_cpus": 1,
-            "resources": {"onalign_head": 1},
-            "include_dashboard": True,
-            "dashboard_port": 0,
-        },
-    )
-    nodes = {name: cluster.add_node(**spec) for name, spec in NODES.items()}
+    head = {"num_cpus": 1, "resources": {"onalign_head": 1}, "include_dashboard": True, "dashboard_port": 0}
+    head |= agent_ports() | {"ray_client_server_port": free_port()}
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args=head)
+    nodes = {name: cluster.add_node(**spec, **agent_ports()) for name, spec in NODES.items()}
     cluster.wait_for_nodes()
 
     def report() -> None:
@@ -57,7 +65,7 @@ def main() -> None:
             if verb == "remove":
                 cluster.remove_node(nodes.pop(name))
             elif verb == "add":
-                nodes[name] = cluster.add_node(**NODES[name])
+                nodes[name] = cluster.add_node(**NODES[name], **agent_ports())
                 cluster.wait_for_nodes()
             report()
     finally:
