@@ -18,7 +18,7 @@ from pipeline.cache import hub_offline
 from pipeline.checkpoint import ResumeError, check_fingerprint, check_resume_config, fingerprint_of, plan_resume
 from pipeline.console import ActorLogs, Console, record_placement
 from pipeline.data import DataError, PromptSet, load_prompt_sets
-from pipeline.loop import Loop, Workers
+from pipeline.loop import Loop, Workers, named_actors
 from pipeline.rundir import RunDir, RunDirError
 from workers.actor_group import TrainerGroup, trainer_env
 from workers.rollout import RolloutWorker, engine_env
@@ -507,10 +507,9 @@ def run_with_workers(prep: Prepared, workers: Workers, console: Console | None =
     logs = ActorLogs(prep.rundir.root, stream=cfg.verbose)
     try:
         with logs.explaining():
-            named = {f"rollout-{i}": r for i, r in enumerate(workers.rollouts)}
-            named |= {f"trainer-{i}": t for i, t in enumerate(workers.trainers.actors)}
-            logs.attach({**named, "reward": reward}, cfg.call_timeout_s)
-            placement = record_placement({**named, "reward": reward}, prep.rundir.root, cfg.call_timeout_s)
+            named = named_actors(workers, reward)
+            logs.attach(named, cfg.call_timeout_s)
+            placement = record_placement(named, prep.rundir.root, cfg.call_timeout_s)
             loop = Loop(cfg, workers, prep.model_path, prep.train, prep.eval, prep.rundir, reward, reporter)
             loop.placement = placement
             return loop.run()

@@ -328,16 +328,10 @@ class Loop:
             )
             raise stopped(problem, fix) from None
 
-    def actors(self) -> dict:
-        """The run's actors by the names of their logs (logs/<name>.log, logs/actors.json)."""
-        named = {f"rollout-{i}": r for i, r in enumerate(self.workers.rollouts)}
-        named |= {f"trainer-{i}": t for i, t in enumerate(self.workers.trainers.actors)}
-        return named | {"reward": self.reward}
-
     def dead_actors(self, wait_s: float = 10.0) -> tuple[list[str], list[str]]:
         """The actors that are gone (a busy live one does not answer within `wait_s` and counts as alive), and
         the nodes that held them and are no longer alive ("address (id)")."""
-        named = self.actors()
+        named = named_actors(self.workers, self.reward)
         refs = {name: a.__ray_call__.remote(lambda _actor: True) for name, a in named.items()}
         ray.wait(list(refs.values()), num_returns=len(refs), timeout=wait_s)
         dead = []
@@ -355,6 +349,13 @@ class Loop:
             if name in self.placement and self.placement[name]["node_id"] not in alive
         }
         return dead, sorted(lost)
+
+
+def named_actors(workers: Workers, reward) -> dict:
+    """A run's actors by the names of their logs (logs/<name>.log, logs/actors.json, failure messages)."""
+    named = {f"rollout-{i}": r for i, r in enumerate(workers.rollouts)}
+    named |= {f"trainer-{i}": t for i, t in enumerate(workers.trainers.actors)}
+    return named | {"reward": reward}
 
 
 def get_failing_fast(refs, timeout_s: float):
