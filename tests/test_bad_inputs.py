@@ -42,24 +42,13 @@ def jsonl(path: Path, rows) -> str:
 def score_server() -> str:
     """A remote reward server on loopback that gives every response 0.5 (lives as long as the test process)."""
     import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class Scores(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            answer = json.dumps({"scores": [0.5] * len(body["responses"])}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(answer)
+    from reward_server import start_reward_server
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Scores)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}/score"
+    url, _ = start_reward_server(
+        lambda body: json.dumps({"scores": [0.5] * len(json.loads(body)["responses"])}).encode()
+    )
+    return url
 
 
 @pytest.fixture(scope="module")

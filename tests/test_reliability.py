@@ -289,26 +289,13 @@ def test_a_reward_that_always_fails_is_refused_before_any_actor(tiny_cfg, tmp_pa
 
 def test_a_remote_reward_answering_malformed_json_gets_a_fitting_hint(tiny_cfg, tmp_path):
     """The server is up and answers, but not JSON: 'check that the server is up' did not fit that failure."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from reward_server import start_reward_server
 
     from common.errors import RewardError
     from pipeline.driver import check_run
 
-    class NotJSON(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"<html>502 Bad Gateway</html>")
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), NotJSON)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, server = start_reward_server(lambda body: b"<html>502 Bad Gateway</html>")
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/score"
         with pytest.raises(RewardError, match='answered, but not with JSON .*"scores"'):
             check_run(tiny_cfg(tmp_path / "out", "reward.kind=remote", f"reward.url={url}", "reward.retries=0"))
     finally:

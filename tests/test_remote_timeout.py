@@ -62,24 +62,13 @@ def test_timeout_bounds_the_whole_request(head_first):
 
 def test_a_prompt_answer_within_the_deadline_still_scores():
     import json
-    from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            data = json.dumps({"scores": [float(len(r)) for r in body["responses"]]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    from reward_server import start_reward_server
 
-        def log_message(self, *args):
-            pass
-
-    srv = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url, srv = start_reward_server(
+        lambda body: json.dumps({"scores": [float(len(r)) for r in json.loads(body)["responses"]]}).encode()
+    )
     try:
-        url = f"http://127.0.0.1:{srv.server_address[1]}/score"
         scorer = RemoteScorer(RewardConfig(kind="remote", url=url, timeout_s=2.0, batch_size=2))
         assert scorer(["a", "b", "c"], ["x", "yy", "zzz"], [None] * 3) == [1.0, 2.0, 3.0]
     finally:
