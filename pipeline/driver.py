@@ -510,8 +510,7 @@ def run_with_workers(prep: Prepared, workers: Workers, console: Console | None =
             named = named_actors(workers, reward)
             logs.attach(named, cfg.call_timeout_s)
             placement = record_placement(named, prep.rundir.root, cfg.call_timeout_s)
-            loop = Loop(cfg, workers, prep.model_path, prep.train, prep.eval, prep.rundir, reward, reporter)
-            loop.placement = placement
+            loop = Loop(cfg, workers, prep.model_path, prep.train, prep.eval, prep.rundir, reward, reporter, placement)
             return loop.run()
     finally:
         ray.kill(reward, no_restart=True)

@@ -57,7 +57,9 @@ class Loop:
         rundir: RunDir,
         reward_actor,
         reporter,
+        placement: dict[str, dict] | None = None,
     ) -> None:
+        """`placement`: each actor's node by name (logs/actors.json), for the failure messages."""
         self.cfg, self.workers, self.model_path = cfg, workers, model_path
         self.train_set, self.eval_set = train, eval_set
         self.rundir, self.reward, self.reporter = rundir, reward_actor, reporter
@@ -66,7 +68,7 @@ class Loop:
         self.sync_backend = resolve_backend(cfg)
         self.colocated = cfg.placement == "colocate"
         self.view = ProgressView(reporter.console, enabled=reporter.console.rich)  # bars on a terminal only
-        self.placement: dict[str, dict] = {}  # actor name -> its node (logs/actors.json), for failure messages
+        self.placement = placement or {}
 
     def run(self) -> list[dict]:
         first = self.start()
