@@ -273,12 +273,22 @@ class TrainConfig(_Section):
         return self
 
 
+# `RunConfig.sync_tolerance`'s defaults (per response token)
+SYNC_TOLERANCE_FP32 = 1e-3
+SYNC_TOLERANCE_BF16 = 0.1
+
+
 class SyncConfig(_Section):
     # auto: with placement=colocate, ipc on GPUs (vLLM's CUDA IPC backend: trainer rank and engine share the
     # GPU) and cpu on CPUs; otherwise nccl when both the engines and the trainers have GPUs, else cpu (the
     # object-store backend).
     backend: Literal["auto", "cpu", "nccl", "ipc"] = "auto"
     bucket_mb: int = Field(256, ge=1)
+    # The sync proves itself: before each iteration's first optimizer step the trainers' log-probs of responses
+    # the engine sampled in that iteration must equal the engine's own (`sync_logp_max_abs_diff`, per token,
+    # in metrics.jsonl). Above `check_tolerance` (None: by precision, `sync_tolerance`) the run stops.
+    check: bool = True
+    check_tolerance: float | None = Field(None, gt=0)
 
 
 class EvalConfig(_Section):
@@ -332,6 +342,14 @@ class RunConfig(_Section):
             return t.reference_logps
         verified = self.model.dtype == "float32" and not t.bf16 and self.rollout.num_gpus == 0 and t.num_gpus == 0
         return "rollout" if verified else "forward"
+
+    def sync_tolerance(self) -> float:
+        """The largest per-token log-prob gap between engine and trainers that a working sync leaves:
+        `sync.check_tolerance`, else by precision (fp32 both sides: numerics only; bf16 on either: vLLM's and
+        HF's bf16 kernels round differently)."""
+        if self.sync.check_tolerance is not None:
+            return self.sync.check_tolerance
+        return SYNC_TOLERANCE_FP32 if self.model.dtype == "float32" and not self.train.bf16 else SYNC_TOLERANCE_BF16
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

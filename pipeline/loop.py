@@ -182,14 +182,37 @@ class Loop:
             steps = steps_per_rank(len(batch), trainers.world, cfg.train.micro_batch_size, cfg.train.epochs)
             progress = self.view.bar(f"iteration {it}: training {cfg.algorithm.name} (optimizer steps)", steps)
             batch_ref = ray.put(batch)
-            per_rank = self.get(trainers.call("train", batch_ref, it, progress), "training", progress)
+            per_rank = self.get(trainers.call("train", batch_ref, it, progress, cfg.sync.check), "training", progress)
             stats = merge_rank_stats(per_rank)
+            self.check_sync(it, stats.get("sync_logp_max_abs_diff"))
         apo_step = None
         if self.method.extrapolates and stats["train_steps"]:
             apo_step = self.get(trainers.call("extrapolate", cfg.algorithm.apo_alpha), "APO extrapolation")[0]
         time_train = time.perf_counter() - t
         time_sync = self.sync(asleep) if stats["train_steps"] or apo_step or asleep else 0.0
         return TrainStage(stats, apo_step, time_train, time_sync)
+
+    def check_sync(self, it: int, gap: float | None) -> None:
+        """Stop the run when the engines sampled iteration `it` from other weights than the trainers hold."""
+        tolerance = self.cfg.sync_tolerance()
+        if self.cfg.sync.check and gap is not None and gap > tolerance:
+            after = f"after iteration {it - 1}" if it > 1 else "at start-up"
+            raise self.stopped(
+                f"iteration {it}: the engine's weights differ from the trainers': the log-probs of the responses it "
+                f"sampled differ from the trainers' by up to {gap:.3g} per token (sync.check_tolerance {tolerance:g}), "
+                f"so the weight sync {after} did not reach it",
+                "check the weight sync (logs/rollout-*.log, sync.backend)",
+            )
+
+    def stopped(self, problem: str, fix: str) -> PipelineError:
+        """The error that ends a run: what happened, what is saved, and how to go on."""
+        done = self.rundir.complete_checkpoints()
+        if done:
+            return PipelineError(
+                f"{problem}. Iterations up to {done[-1]} are saved in {self.rundir.checkpoints}: {fix}, then "
+                "rerun with --resume"
+            )
+        return PipelineError(f"{problem}. No iteration had completed, so nothing is saved: {fix} and run again")
 
     def sync(self, asleep: bool = False) -> float:
         """The trainers' weights into every engine; `asleep` (colocated, after training): the engines wake
@@ -291,16 +314,7 @@ class Loop:
         """ray.get with the configured timeout and a message that says how to resume; with `progress`
         (from `bar`), the bar follows the actors' counts while it waits."""
         limit = f"call_timeout_s={self.cfg.call_timeout_s:g}s"
-
-        def stopped(problem: str, fix: str) -> PipelineError:
-            done = self.rundir.complete_checkpoints()
-            if done:
-                return PipelineError(
-                    f"{problem}. Iterations up to {done[-1]} are saved in {self.rundir.checkpoints}: {fix}, then "
-                    "rerun with --resume"
-                )
-            return PipelineError(f"{problem}. No iteration had completed, so nothing is saved: {fix} and run again")
-
+        stopped = self.stopped
         try:
             if progress is not None:
                 self.view.follow(refs, progress, self.cfg.call_timeout_s)

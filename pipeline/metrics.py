@@ -61,11 +61,20 @@ def iteration_row(
     }
 
 
+# per-rank metrics whose worst rank is the iteration's figure
+MAX_OVER_RANKS = ("sync_logp_max_abs_diff", "time_sync_check_s")
+
+
 def merge_rank_stats(per_rank: list[dict]) -> dict:
-    """Average per-rank metrics weighted by the pairs each rank trained on."""
+    """Average per-rank metrics weighted by the pairs each rank trained on (`MAX_OVER_RANKS`: the largest)."""
     total = sum(s["trained_pairs"] for s in per_rank)
     out: dict = {"train_steps": sum(s["steps"] for s in per_rank) // max(len(per_rank), 1), "trained_pairs": total}
-    keys = {k for s in per_rank for k in s if k not in ("steps", "trained_pairs", "pair_weights")}
+    for k in MAX_OVER_RANKS:
+        values = [s[k] for s in per_rank if s.get(k) is not None]
+        if values:
+            out[k] = max(values)
+    skip = ("steps", "trained_pairs", "pair_weights", *MAX_OVER_RANKS)
+    keys = {k for s in per_rank for k in s if k not in skip}
     for k in sorted(keys):
         out[k] = sum(s[k] * s["trained_pairs"] for s in per_rank if k in s) / max(total, 1)
     weights = sorted(pair for s in per_rank for pair in s.get("pair_weights", []))  # prompt order

@@ -348,6 +348,19 @@ def summary_lines(rows: list[dict], cfg: dict) -> list[str]:
     return [first, second]
 
 
+def sync_line(rows: list[dict]) -> str | None:
+    """What the per-iteration sync check (`sync_logp_max_abs_diff`) found, or None where it never ran."""
+    gaps = [(r["iteration"], _num(r.get("sync_logp_max_abs_diff"))) for r in rows if r["iteration"] > 0]
+    checked = [(i, g) for i, g in gaps if not math.isnan(g)]
+    if not checked:
+        return None
+    worst_it, worst = max(checked, key=lambda e: e[1])
+    return (
+        f"Weight sync checked in {len(checked)} of {len(gaps)} iterations: the engine sampled from the trainers' "
+        f"weights (log-probs within {worst:.1e} per token, largest at iteration {worst_it})."
+    )
+
+
 def _examples_table(examples: list[dict]) -> Table:
     return Table(
         header=["prompt", "initial", "reward", "latest", "reward"],
@@ -467,6 +480,7 @@ def _write_report(rd: RunDir, cfg: dict, rows: list[dict], samples: list[dict], 
     write_metrics_csv(rows, out / "metrics.csv")
     name = _run_name(rd)
     lines = summary_lines(rows, cfg)
+    lines += [line] if (line := sync_line(rows)) else []
     short, full = headline_table(rows), full_table(rows)
     settings = Table(header=["setting", "value"], rows=[list(kv) for kv in _summary(cfg)], left=(0, 1))
     examples = _examples(samples)
@@ -479,7 +493,7 @@ def _write_report(rd: RunDir, cfg: dict, rows: list[dict], samples: list[dict], 
     latest = examples[0]["latest_iteration"] if examples else None
 
     md = ["# onalign run report", ""]  # no run name: a report rebuilt from a copy of the run reads the same
-    md += [f"**{lines[0]}**", "", lines[1], ""]
+    md += [f"**{lines[0]}**", ""] + [x for line in lines[1:] for x in (line, "")]
     md += short.markdown() + [""]
     md += [f"All {len(full.header)} metrics of every iteration: [metrics.csv](metrics.csv).", ""]
     md += ["## Plots", ""] + [f"![{title}](plots/{p})" for p, title in PLOTS.items()] + [""]
@@ -494,7 +508,7 @@ def _write_report(rd: RunDir, cfg: dict, rows: list[dict], samples: list[dict], 
 
     esc = html.escape
     h = [f"<h1>onalign run report <span class='muted'>{esc(name)}</span></h1>"]
-    h += [f"<p class='summary'><strong>{esc(lines[0])}</strong><br>{esc(lines[1])}</p>"]
+    h += [f"<p class='summary'><strong>{esc(lines[0])}</strong><br>{'<br>'.join(map(esc, lines[1:]))}</p>"]
     h += ["<div class='wide'>", short.html("headline"), "</div>"]
     h += ["<h2>Plots</h2><div class='plots'>"]
     h += [f"<img src='plots/{p}' alt='{esc(title)}' title='{esc(title)}'>" for p, title in PLOTS.items()]

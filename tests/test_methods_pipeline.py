@@ -328,3 +328,37 @@ def test_wdpo_pair_weights_in_samples_belong_to_their_prompts(run_tiny, tmp_path
     gaps = torch.tensor([max(rewards[n * p : n * p + n]) - min(rewards[n * p : n * p + n]) for p in prompts])
     expected = wdpo_weights(gaps, AlgorithmConfig(name="wdpo", wdpo_beta2=2.0))
     assert torch.allclose(torch.tensor(weights), expected, atol=1e-5)
+
+
+def test_sync_gap_compares_only_this_iterations_samples_with_the_trainers_policy(tiny, model_path):
+    """The sync's proof on the groups the reward actor builds: the trainer's log-probs of this iteration's
+    samples, from the first micro-batch's forward or from the probe, equal what the sampling policy (the
+    engine) reported; older samples (OPTune's reused groups, here sampled by another policy) are not compared;
+    a trainer holding other weights than the engine's is seen."""
+    from workers.trainer import TrainerWorker, engine_logps, sync_gap
+
+    tok, model = tiny
+    w = worker(tok, "wdpo", selection={"mode": "lowest_reward", "rho": 0.5})
+    older = with_sample_logps(model, tok, rollouts(tok, range(len(WORDS)), 4, 1, seed=1))
+    w.ingest([dataclasses.replace(r, sample_logprob=r.sample_logprob - 5.0) for r in older], 1)
+    selected = w.select(2)
+    w.ingest(with_sample_logps(model, tok, rollouts(tok, selected, 4, 2, seed=2)), 2)
+    groups = w.batch()[0].groups
+    sampled = engine_logps(groups, 2)
+    regenerated = [i for i, g in enumerate(groups) if g.prompt_index in selected]
+    assert not torch.isnan(sampled[regenerated]).any() and torch.isnan(sampled).sum() > 0
+
+    inputs = loss_inputs(model, groups, get_method("wdpo"), tok.pad_token_id)
+    assert sync_gap(inputs.logps, sampled, inputs.lengths) < 1e-4
+    assert sync_gap(inputs.logps, torch.full_like(sampled, float("nan")), inputs.lengths) is None
+    stale = copy.deepcopy(model)
+    with torch.no_grad():
+        stale.lm_head.weight.mul_(1.5)  # another policy than the one that sampled
+    inputs = loss_inputs(stale, groups, get_method("wdpo"), tok.pad_token_id)
+    assert sync_gap(inputs.logps, sampled, inputs.lengths) > 1e-2
+
+    trainer = TrainerWorker(0, 1)
+    trainer.setup(model_path, {"micro_batch_size": 3}, {"name": "wdpo"}, seed=0)
+    probe = trainer._probe_sync(trainer._model(trainer.weights), groups, sampled)
+    assert probe is not None and probe < 1e-4
+    assert trainer._probe_sync(trainer._model(trainer.weights), groups, sampled + 0.5) > 1e-2

@@ -300,3 +300,43 @@ def test_a_remote_reward_answering_malformed_json_gets_a_fitting_hint(tiny_cfg, 
             check_run(tiny_cfg(tmp_path / "out", "reward.kind=remote", f"reward.url={url}", "reward.retries=0"))
     finally:
         server.shutdown()
+
+
+@pytest.mark.slow
+def test_a_skipped_weight_sync_stops_the_next_iteration_and_resume_continues(run_tiny, tmp_path, monkeypatch):
+    """Fault injected: the sync after iteration 1 never reaches the engine. The engine samples iteration 2 from
+    the initial weights; the trainers' log-probs of those samples differ from the engine's, so the run stops
+    there with one line, iteration 1 saved; the resumed run syncs and goes on. Without the check the same
+    fault trains on a stale engine's samples to the end without a word."""
+    import pipeline.loop as loop_mod
+
+    real = loop_mod.sync_weights
+    calls: list[int] = []
+
+    def skip_second(*args, **kwargs):
+        calls.append(1)
+        return [] if len(calls) == 2 else real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "sync_weights", skip_second)
+    with pytest.raises(
+        PipelineError,
+        match=r"^iteration 2: the engine's weights differ from the trainers'.*sync after iteration 1 did not reach "
+        r"it.*Iterations up to 1 are saved in .*rerun with --resume$",
+    ) as stop:
+        run_tiny("iterations=3", out=tmp_path / "run")
+    print(stop.value)
+    rows = [json.loads(x) for x in lines(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert rows[1]["sync_logp_max_abs_diff"] < 1e-3
+
+    monkeypatch.setattr(loop_mod, "sync_weights", real)
+    resumed, _ = run_tiny("iterations=3", "resume=true", out=tmp_path / "run")
+    assert [r["iteration"] for r in resumed] == [0, 1, 2, 3]
+    assert all(r["sync_logp_max_abs_diff"] < 1e-3 for r in resumed[1:])
+    assert "Weight sync checked in 3 of 3 iterations" in (tmp_path / "run" / "report.md").read_text()
+
+    calls.clear()
+    monkeypatch.setattr(loop_mod, "sync_weights", skip_second)
+    unchecked, _ = run_tiny("iterations=2", "sync.check=false", out=tmp_path / "unchecked")
+    assert [r["iteration"] for r in unchecked] == [0, 1, 2]
+    assert "sync_logp_max_abs_diff" not in unchecked[2]

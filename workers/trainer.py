@@ -20,6 +20,7 @@ import gc
 import os
 import random
 import statistics
+import time
 from typing import TypeVar
 
 import torch
@@ -110,23 +111,46 @@ def loss_inputs(
     return inputs
 
 
-def rollout_reference(groups: list[PreferenceGroup], iteration: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Reference log-probs [groups, K] that the rollout already gave, and the (group, response) slots it did
-    not: a response's sampled log-prob is its reference log-prob when the policy that sampled it is the
-    reference, i.e. it was sampled in this `iteration` (reference = the iteration's starting policy). Older
-    samples (OPTune's reused groups, SPIN's mixed-in pairs, `pair_pool: all`) and dataset targets are
-    missing and need a forward pass."""
-    known = torch.zeros(len(groups), len(groups[0].responses))
-    missing = []
+def engine_logps(groups: list[PreferenceGroup], iteration: int) -> torch.Tensor:
+    """[groups, K]: the engine's log pi(y|x) of each response it sampled in `iteration`, NaN for the rest
+    (older samples: OPTune's reused groups, SPIN's mixed-in pairs, `pair_pool: all`; dataset targets). The
+    engine sampled them from the policy the trainers hold at the iteration's start."""
+    out = torch.full((len(groups), len(groups[0].responses)), float("nan"))
     for i, g in enumerate(groups):
         for k in range(len(g.responses)):
             logp = g.sample_logps[k] if g.sample_logps else None
             at = g.sampled_at[k] if g.sampled_at else None
             if logp is not None and at == iteration:
-                known[i, k] = logp
-            else:
-                missing.append((i, k))
-    return known, missing
+                out[i, k] = logp
+    return out
+
+
+def rollout_reference(groups: list[PreferenceGroup], iteration: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Reference log-probs [groups, K] that the rollout already gave, and the (group, response) slots it did
+    not: a response's sampled log-prob is its reference log-prob when the policy that sampled it is the
+    reference, i.e. it was sampled in this `iteration` (reference = the iteration's starting policy). The
+    missing slots (see `engine_logps`) need a forward pass."""
+    known = engine_logps(groups, iteration)
+    missing = [(int(i), int(k)) for i, k in torch.isnan(known).nonzero().tolist()]
+    return known.nan_to_num(0.0), missing
+
+
+def sync_gap(trainer_logps: torch.Tensor, engine: torch.Tensor, lengths: torch.Tensor) -> float | None:
+    """The sync's proof: max over the responses the engine sampled (`engine` not NaN) of
+    |log pi_trainer(y|x) - log pi_engine(y|x)| / |y|, the per-token gap between the trainer's policy and
+    the weights the engine sampled with; None when there is no such response."""
+    fresh = ~torch.isnan(engine)
+    if not fresh.any():
+        return None
+    gap = (trainer_logps.detach().float().cpu() - engine).abs() / lengths.float().cpu().clamp(min=1)
+    return float(gap[fresh].max())
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether a training-mode forward of `model` is random (dropout layers, or attention dropout)."""
+    if getattr(model.config, "attention_dropout", 0.0):
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 def clone_weights(weights: StateDict) -> StateDict:
@@ -469,10 +493,15 @@ class TrainerWorker:
         return lp.tolist()
 
     # ------------------------------------------------------------ training
-    def train(self, batch: PreferenceBatch, iteration: int, progress: Ticker | None = None) -> dict:
+    def train(
+        self, batch: PreferenceBatch, iteration: int, progress: Ticker | None = None, check_sync: bool = True
+    ) -> dict:
         """Train one iteration on this rank's shard; returns per-rank metrics (the driver averages).
 
-        Rank 0 counts its optimizer steps on `progress` (every rank runs the same number)."""
+        Rank 0 counts its optimizer steps on `progress` (every rank runs the same number). `check_sync`: measure
+        `sync_logp_max_abs_diff` (`sync_gap`) before the first optimizer step: from the first micro-batch's
+        forward when it holds responses the engine sampled this iteration (free), else from a no-grad probe
+        of up to `micro_batch_size` of them."""
         import deepspeed
 
         shard = shard_for_rank(batch.groups, self.rank, self.world, iteration)
@@ -485,6 +514,13 @@ class TrainerWorker:
         )
         ref_logps, from_rollout = self._reference_logps(shard, iteration) if self.method.needs_reference else (None, 0)
         model = self._model(self.weights)
+        plan = self._plan(shard, iteration)
+        sampled = engine_logps(shard, iteration) if check_sync else None
+        gap, t = None, time.perf_counter()
+        if sampled is not None and (torch.isnan(sampled[plan[0][0]]).all() or has_dropout(model)):
+            gap = self._probe_sync(model, shard, sampled)
+            sampled = None  # measured: the first step need not
+        check_s = time.perf_counter() - t
         packed = self.train_cfg.packing and self._packing_works(model)
         if self.train_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -500,7 +536,7 @@ class TrainerWorker:
         # last checkpoint), as the driver does for any failed training call.
         keys, kept = list(self.weights), self._untrained(model)
         self.weights = {}
-        losses, stats = self._fit(engine, shard, ref_logps, weights, iteration, progress, packed)
+        losses, stats, first_gap = self._fit(engine, shard, plan, ref_logps, weights, progress, packed, sampled)
         self.weights = self._gather(engine, keys, kept)
         release(engine)
         del engine, model
@@ -510,31 +546,60 @@ class TrainerWorker:
         if ref_logps is not None:
             out["ref_logps_from_rollout"] = from_rollout / ref_logps.numel()
         out.update({k: statistics.fmean(v) for k, v in stats.items()})
+        gap = first_gap if gap is None else gap
+        if gap is not None:
+            out["sync_logp_max_abs_diff"] = gap
+        if check_sync:
+            out["time_sync_check_s"] = check_s  # the probe's; the first micro-batch's comparison is free
         if weights is not None:  # (prompt, weight) of each pair this rank trained, for samples.jsonl
             out["pair_weights"] = [(g.prompt_index, float(w)) for g, w in zip(shard, weights, strict=True)]
         return out
+
+    def _plan(self, shard: list[PreferenceGroup], iteration: int) -> list[list[list[int]]]:
+        """Each epoch's micro-batches (indices into the shard), in training order."""
+        widths = [len(g.prompt_ids) + max(map(len, g.responses)) for g in shard]
+        mb, by_length = self.train_cfg.micro_batch_size, self.train_cfg.group_by_length
+        return [
+            micro_batches(widths, mb, random.Random(hash((self.seed, iteration, epoch))), by_length)
+            for epoch in range(self.train_cfg.epochs)
+        ]
+
+    def _probe_sync(self, model: torch.nn.Module, shard: list[PreferenceGroup], sampled: torch.Tensor) -> float | None:
+        """`sync_gap` from a no-grad eval-mode forward of up to `micro_batch_size` of the responses the engine
+        sampled (the first micro-batch holds none, or trains with dropout)."""
+        slots = [(int(i), int(k)) for i, k in (~torch.isnan(sampled)).nonzero().tolist()]
+        slots = slots[: self.train_cfg.micro_batch_size]
+        if not slots:
+            return None
+        was_training = model.training
+        model.eval()
+        logps, lengths = batched_sequence_logprobs(
+            model, [shard[i].prompt_ids for i, _ in slots], [shard[i].responses[k] for i, k in slots], self.pad_id
+        )
+        model.train(was_training)
+        return sync_gap(logps, torch.tensor([float(sampled[i, k]) for i, k in slots]), lengths)
 
     def _fit(
         self,
         engine,
         shard: list[PreferenceGroup],
+        plan: list[list[list[int]]],
         ref_logps: torch.Tensor | None,
         weights: torch.Tensor | None,
-        iteration: int,
         progress: Ticker | None,
         packed: bool = False,
-    ) -> tuple[list[float], dict[str, list[float]]]:
-        """`epochs` over the shard, one optimizer step per micro-batch; returns each step's loss and the
-        loss's per-item statistics. Its own frame holds the last step's loss and graph, so they are gone
-        when it returns (see `release`)."""
+        sampled: torch.Tensor | None = None,
+    ) -> tuple[list[float], dict[str, list[float]], float | None]:
+        """`plan`'s epochs over the shard, one optimizer step per micro-batch; returns each step's loss, the
+        loss's per-item statistics and, given `sampled` (`engine_logps`), the `sync_gap` of the first
+        micro-batch's forward (before any step: the policy the engine sampled from). Its own frame holds the
+        last step's loss and graph, so they are gone when it returns (see `release`)."""
         tick = progress if progress is not None and self.rank == 0 else Ticker()
-        widths = [len(g.prompt_ids) + max(map(len, g.responses)) for g in shard]
-        mb = self.train_cfg.micro_batch_size
         losses: list[float] = []
         stats: dict[str, list[float]] = {}
-        for epoch in range(self.train_cfg.epochs):
-            rng = random.Random(hash((self.seed, iteration, epoch)))
-            for idx in micro_batches(widths, mb, rng, self.train_cfg.group_by_length):
+        gap = None
+        for epoch in plan:
+            for idx in epoch:
                 inputs = loss_inputs(
                     engine,
                     [shard[i] for i in idx],
@@ -544,6 +609,8 @@ class TrainerWorker:
                     weights[idx] if weights is not None else None,
                     packed,
                 )
+                if sampled is not None and not losses:
+                    gap = sync_gap(inputs.logps, sampled[idx], inputs.lengths)
                 per_item, item_stats = LOSSES[self.method.loss](inputs, self.algo_cfg)
                 loss = per_item.mean()
                 engine.backward(loss)
@@ -553,7 +620,7 @@ class TrainerWorker:
                 for key, val in item_stats.items():
                     stats.setdefault(key, []).extend(val.float().cpu().tolist())
         tick.flush()
-        return losses, stats
+        return losses, stats, gap
 
     def _packing_works(self, model: torch.nn.Module) -> bool:
         """`train.packing`: whether this model computes packed rows as padded ones (asked once per run)."""
