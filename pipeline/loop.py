@@ -284,6 +284,7 @@ class Loop:
         return sorted(out, key=lambda ro: ro.prompt_index)  # stable: samples keep their order
 
     def record(self, row: dict) -> None:
+        row["finished_at"] = time.time()  # unix time: when the run reached this row (time to reward)
         self.rundir.append_metrics(row)
         self.reporter.iteration_done(row)
 
