@@ -146,6 +146,8 @@ def plan_resume(rundir: RunDir, cfg: RunConfig, log: Callable[[str], None]) -> i
     """The checkpoint a resume loads: the newest one that passes `checkpoint_problem` (a damaged one is
     named and skipped), or 0 to start over. Starting over is only done for resume=auto, or when no
     iteration ever completed (only the initial evaluation's row exists); otherwise ResumeError."""
+    for partial in rundir.partial_checkpoints():
+        log(f"ignoring {partial}: a checkpoint whose write was interrupted (it is removed when the run starts)")
     problems = []
     for it in reversed(rundir.complete_checkpoints()):
         problem = checkpoint_problem(rundir, it)

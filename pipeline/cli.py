@@ -107,7 +107,10 @@ def _dispatch(args) -> int:
             print(write_comparison(args.runs, args.out or "comparison"))
         return 0
     if args.command == "build-model":
+        from pipeline.console import quiet_libraries
         from pipeline.driver import resolve_model
+
+        quiet_libraries()
 
         print(resolve_model(load_config(None, args.overrides)))
         return 0
@@ -119,6 +122,10 @@ def _dispatch(args) -> int:
     if args.verbose:
         overrides.append("verbose=true")
     cfg = load_config(args.config, overrides)
+    if not cfg.verbose:
+        from pipeline.console import quiet_libraries
+
+        quiet_libraries()
     if args.dry_run:
         import os
 

@@ -20,6 +20,25 @@ from pathlib import Path
 
 from common.errors import is_user_error
 
+
+def quiet_libraries() -> None:
+    """Library chatter off the driver's console (`--verbose` keeps it): `datasets`' split-generation bars,
+    transformers' "Writing model shards" bar when a built-in model is saved, and DeepSpeed's notices (the
+    driver imports it through transformers' save path; only its errors matter here). Hub download bars stay:
+    a large model's download is worth watching."""
+    import logging
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hub_bars = not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # also turns the Hub's off: on again below
+    if hub_bars:
+        enable_progress_bars()
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
+
+
 COLUMNS = [
     ("iteration", "it", "{}"),
     ("eval_reward_mean", "eval_reward", "{:.3f}"),

@@ -7,6 +7,9 @@ user mistake costs seconds, not a cluster allocation.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,18 +206,44 @@ def check_run(cfg: RunConfig) -> Prepared:
 
 
 def prepare(cfg: RunConfig) -> Prepared:
-    """Every check that needs no actor. Nothing in output_dir is written until all of them passed."""
-    prep, changes = _check_all(cfg, create=True)
-    rundir = prep.rundir
-    # ---- every check passed: now the directory may be written
+    """Every check that needs no actor, then the run's files. Nothing in output_dir is written until all of
+    them passed; a refused run leaves no directory it made."""
+    with removed_if_refused(cfg):
+        prep, changes = _check_all(cfg, create=True)
+    write_run_files(prep, changes)
+    return prep
+
+
+@contextmanager
+def removed_if_refused(cfg: RunConfig) -> Iterator[None]:
+    """Remove output_dir (and the parents made for it) again when the block fails while they are still empty:
+    a refused run leaves nothing behind."""
+    root = RunDir(cfg.output_dir).root.absolute()
+    made = [p for p in [root, *root.parents] if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for p in made:  # deepest first; a directory something was written into stays
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def write_run_files(prep: Prepared, changes: dict) -> None:
+    """Every check passed: the run's config.yaml (and, on resume, the settings changed), and a fresh run's
+    stale records dropped."""
+    cfg, rundir = prep.cfg, prep.rundir
     if not rundir.resume_from:  # a new run (or one started over): the replaced run's records go
         rundir.config_changes_path.unlink(missing_ok=True)
         if not cfg.resume:
             rundir.truncate_to(-1)  # stale samples of a run that never recorded a metrics row
+    for partial in rundir.partial_checkpoints():  # named when the resume was planned
+        shutil.rmtree(partial, ignore_errors=True)
     (rundir.root / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     if changes:
         rundir.append_config_change({"iteration": rundir.resume_from + 1, "changes": changes})
-    return prep
 
 
 def _check_all(cfg: RunConfig, create: bool) -> tuple[Prepared, dict]:
@@ -310,7 +339,8 @@ def _prepare_rundir(cfg: RunConfig, create: bool = True) -> RunDir:
     else:
         _check_writable(rundir)
     rundir.read_samples()
-    if not cfg.resume and (rundir.read_metrics() or rundir.complete_checkpoints()):
+    metrics = rundir.read_metrics()  # a damaged line stops a resume here, before anything starts or is written
+    if not cfg.resume and (metrics or rundir.complete_checkpoints()):
         raise RunDirError(
             f"output_dir '{rundir.where}' already holds a run (metrics.jsonl, checkpoints/); rerun with --resume to "
             "continue it, or choose a new output_dir"
@@ -365,6 +395,11 @@ def init_ray(cfg: RunConfig) -> None:
         # Under `ray job submit` the job's runtime env (working dir, env vars) applies: do not replace it.
         ray.init(address=os.environ["RAY_ADDRESS"], **console)
     else:
+        # Ray 2.60 turns token authentication on for a new local cluster and says so at every start: keep it
+        # on, without the line
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            lambda record: "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+        )
         ray.init(
             address="local",  # a new local cluster: never one that `ray start` left running on this machine
             num_cpus=cfg.ray_num_cpus or os.cpu_count(),
@@ -518,14 +553,19 @@ def run_with_workers(prep: Prepared, workers: Workers, console: Console | None =
 
 
 def run(cfg: RunConfig) -> list[dict]:
+    from pipeline.placement import cluster_nodes, fit
+
     console = Console(cfg.quiet)
-    prep = prepare(cfg)
-    console.log(
-        f"model {prep.model_path}; {len(prep.train)} train / {len(prep.eval)} eval prompts; output {prep.rundir.root}"
-        + ("" if cfg.verbose else f" (actors' output in {prep.rundir.root / 'logs'}/)")
-    )
-    init_ray(cfg)
-    check_output_dir_reachable(cfg, prep.rundir)
+    with removed_if_refused(cfg):
+        prep, changes = _check_all(cfg, create=True)
+        console.log(
+            f"model {prep.model_path}; {len(prep.train)} train / {len(prep.eval)} eval prompts; output "
+            f"{prep.rundir.root}" + ("" if cfg.verbose else f" (actors' output in {prep.rundir.root / 'logs'}/)")
+        )
+        init_ray(cfg)
+        check_output_dir_reachable(cfg, prep.rundir)
+        fit(cfg, cluster_nodes())  # a plan the cluster cannot hold is refused before the run writes a file
+    write_run_files(prep, changes)
     with (
         ActorLogs(prep.rundir.root, stream=cfg.verbose).explaining(),
         console.status("starting vLLM engines and DeepSpeed trainers"),

@@ -5,9 +5,12 @@ Everything heavy happens in actors; the driver moves token ids, scores, metrics 
 
 from __future__ import annotations
 
+import errno
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 
@@ -24,6 +27,9 @@ from pipeline.rundir import RunDir
 from workers.actor_group import TrainerGroup
 from workers.trainer import steps_per_rank
 from workers.weight_sync import init_sync, resolve_backend, sync_weights
+
+# a write that failed for want of space (a full disk, a quota, a file-size limit)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class PipelineError(OnalignError, RuntimeError):
@@ -74,9 +80,14 @@ class Loop:
         first = self.start()
         for it in range(first, self.cfg.iterations + 1):
             row = self.iteration(it)
-            self.record(row)  # metrics first: a resume truncates rows past the last complete checkpoint
-            self.save_checkpoint(it)
-            self.rundir.publish()
+            try:
+                self.record(row)  # metrics first: a resume truncates rows past the last complete checkpoint
+                self.save_checkpoint(it)
+                self.rundir.publish()
+            except OSError as e:
+                if e.errno not in NO_SPACE:
+                    raise
+                raise self.out_of_space(e, f"iteration {it}'s records") from None
         rows = self.rundir.read_metrics()
         check_something_trained(rows)
         return rows
@@ -292,12 +303,34 @@ class Loop:
         return fingerprint_of(self.cfg, len(self.train_set), len(self.eval_set))
 
     def save_checkpoint(self, iteration: int) -> None:
-        """Policy files from trainer rank 0, then state.json; renamed into place only when complete."""
+        """Policy files from trainer rank 0, then state.json; renamed into place only when complete. A write
+        that runs out of space leaves no partial checkpoint taking what space there is."""
         tmp = self.rundir.begin_checkpoint(iteration)
-        self.get(self.workers.trainers.call_rank0("save", str(tmp)), "checkpoint write")
-        reward_state = self.get(self.reward.state_dict.remote(), "reward state")
-        state = checkpoint_state(self.fingerprint(), self.initial_eval, reward_state)
-        self.rundir.commit_checkpoint(tmp, iteration, state, keep=self.cfg.keep_checkpoints)
+        try:
+            self.get(self.workers.trainers.call_rank0("save", str(tmp)), "checkpoint write")
+            reward_state = self.get(self.reward.state_dict.remote(), "reward state")
+            state = checkpoint_state(self.fingerprint(), self.initial_eval, reward_state)
+            self.rundir.commit_checkpoint(tmp, iteration, state, keep=self.cfg.keep_checkpoints)
+        except OSError as e:
+            if e.errno in NO_SPACE:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def out_of_space(self, error: OSError, what: str) -> PipelineError:
+        """The stop for a full filesystem: the path, the space left there and what a checkpoint takes."""
+        path = Path(error.filename or self.rundir.root)
+        where = next((p for p in [path, *path.parents] if p.exists()), self.rundir.root)
+        free = shutil.disk_usage(where).free / 2**20
+        done = self.rundir.complete_checkpoints()
+        need = ""
+        if done:
+            ckpt = self.rundir.checkpoint_path(done[-1])
+            size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 2**20
+            need = f"; each checkpoint takes {size:.1f} MiB and keep_checkpoints={self.cfg.keep_checkpoints} are kept"
+        return self.stopped(
+            f"no space left on the device while writing {what} ({path}: {free:.1f} MiB free there{need})",
+            "free space there (or lower keep_checkpoints, or choose an output_dir with room)",
+        )
 
     def restore(self) -> int:
         """Load the resume checkpoint into the actors; returns the first iteration still to run."""
@@ -325,8 +358,10 @@ class Loop:
             raise stopped(f"{what} did not answer within {limit}", fix) from None
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
+            if isinstance(cause, OSError) and cause.errno in NO_SPACE:
+                raise cause from None  # the caller names what it was writing (`out_of_space`)
             if isinstance(cause, (OnalignError, ValueError)):
-                raise PipelineError(f"{what} failed: {cause}") from None
+                raise stopped(f"{what} failed: {str(cause).rstrip('.')}", "fix that") from None
             text = " ".join(str(cause).split())
             if isinstance(cause, TimeoutError) or (
                 isinstance(cause, RuntimeError) and ("timed out" in text.lower() or "timeout" in text.lower())

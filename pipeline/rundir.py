@@ -291,6 +291,12 @@ class RunDir:
                 done.append(int(number))
         return sorted(done)
 
+    def partial_checkpoints(self) -> list[Path]:
+        """Checkpoint directories whose write never finished (a stop or a crash while writing): never loaded."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.iterdir() if p.name.startswith(".iter_") and p.name.endswith(".tmp"))
+
     def remove_checkpoints(self) -> None:
         """Drop every checkpoint (a run that starts over replaces them)."""
         for it in self.complete_checkpoints():

@@ -58,7 +58,10 @@ def _build_tokenizer(seed: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=320,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its bar printed blank lines on stdout, before the path `build-model` prints
     )
     tok.train_from_iterator(corpus, trainer)
     hf = PreTrainedTokenizerFast(
@@ -99,7 +102,7 @@ def _sft(model, tokenizer, steps: int, seed: int) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        loss_val = float(loss)
+        loss_val = float(loss.detach())
     model.eval()
     return loss_val
 

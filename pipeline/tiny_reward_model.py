@@ -51,10 +51,13 @@ def _encode(tokenizer, prompt: str, response: str) -> list[int]:
     return list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
 
 
-def _scores(model, tokenizer, texts: list[tuple[str, str]]):
+def _scores(model, tokenizer, texts: list[tuple[str, str]], memo: dict | None = None):
+    """The RM's score of each (prompt, response); `memo` keeps each pair's token ids (the build samples the
+    same pairs many times, and rendering the chat template took most of a step)."""
     import torch
 
-    seqs = [_encode(tokenizer, p, r) for p, r in texts]
+    memo = {} if memo is None else memo
+    seqs = [memo.get(t) or memo.setdefault(t, _encode(tokenizer, *t)) for t in texts]
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -98,12 +101,13 @@ def build_tiny_reward_model(
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     rng = random.Random(seed)
     done = 0
+    memo: dict = {}
     while True:
         model.train()
         for _ in range(steps if done == 0 else 500):
             batch = rng.sample(train, 32)
-            good = _scores(model, tokenizer, [(p, c) for p, c, _ in batch])
-            bad = _scores(model, tokenizer, [(p, r) for p, _, r in batch])
+            good = _scores(model, tokenizer, [(p, c) for p, c, _ in batch], memo)
+            bad = _scores(model, tokenizer, [(p, r) for p, _, r in batch], memo)
             loss = -F.logsigmoid(good - bad).mean()
             opt.zero_grad()
             loss.backward()

@@ -5,6 +5,7 @@ real 1-iteration `onalign run`: there are none."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -241,6 +242,7 @@ def test_a_real_run_prints_no_line_from_an_actor(tmp_path):
     # stdout: the run header, one line per iteration and the closing line, nothing else
     lines = [line for line in res.stdout.splitlines() if line.strip()]
     assert all(line.startswith("[onalign] ") for line in lines), res.stdout
+    assert res.stderr.strip() == "", res.stderr[-4000:]  # no library line either (Ray's token-auth notice)
     assert len(lines) == 4 and "done: 1 iterations" in lines[-1]
     logs = out / "logs"
     names = ["actors.json", "reward.log", "rollout-0.log", "trainer-0.log", "trainer-1.log"]
@@ -248,3 +250,26 @@ def test_a_real_run_prints_no_line_from_an_actor(tmp_path):
     rollout = (logs / "rollout-0.log").read_text()
     assert "pid" in rollout.splitlines()[0]
     assert "Failed to load weights" not in rollout  # fixed at the source (rotary cache, tied head), not hidden
+
+
+def test_building_the_built_in_model_prints_only_its_path(tmp_path):
+    """A first build (a fresh cache, few steps) prints no torch warning, DeepSpeed notice or save bar."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "build-model", "model.sft_steps=3"]
+    env = {**os.environ, "ONALIGN_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stdout.strip().startswith(str(tmp_path / "cache")) and len(res.stdout.splitlines()) == 1
+    assert res.stderr.strip() == "", res.stderr[-4000:]
+
+
+def test_loading_a_data_file_prints_no_progress_bar(tmp_path):
+    rows = [{"prompt": f"reverse: {w}", "response": w[::-1]} for w in ["abc", "defg", "hij", "klmn"] * 8]
+    rows = [{**r, "prompt": f"{r['prompt']} #{i}"} for i, r in enumerate(rows)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "configs/demo-cpu.yaml", f"data.train={data}"]
+    cmd += [f"output_dir={tmp_path / 'out'}", "--dry-run"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "Generating train split" not in res.stderr and res.stderr.strip() == "", res.stderr[-4000:]

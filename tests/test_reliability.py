@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,17 @@ COMPARED = [
     "generated_tokens",
     "win_rate_vs_initial",
 ]
+
+
+def same_rows(rows: list[dict], full: list[dict]) -> None:
+    """A resumed (or disturbed) run's rows equal the uninterrupted run's on every `COMPARED` metric."""
+    assert [r["iteration"] for r in rows] == [r["iteration"] for r in full]
+    for a, b in zip(rows, full, strict=True):
+        for key in COMPARED:
+            if b.get(key) is None:
+                assert a.get(key) is None, (a["iteration"], key)
+            else:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["iteration"], key)
 
 
 @pytest.fixture(scope="module")
@@ -340,3 +352,163 @@ def test_a_skipped_weight_sync_stops_the_next_iteration_and_resume_continues(run
     unchecked, _ = run_tiny("iterations=2", "sync.check=false", out=tmp_path / "unchecked")
     assert [r["iteration"] for r in unchecked] == [0, 1, 2]
     assert "sync_logp_max_abs_diff" not in unchecked[2]
+
+
+def test_a_run_refused_by_the_cluster_plan_leaves_no_output_dir(ray_cluster, tmp_path, capsys):
+    """A run that does not fit the cluster is refused after Ray starts but before anything is written: no
+    config.yaml, and the output_dir it would have made (with its missing parents) is gone again."""
+    from pipeline.cli import main
+
+    out = tmp_path / "new" / "run"
+    assert main(["run", "configs/demo-cpu.yaml", f"output_dir={out}", "train.num_workers=4"]) == 2
+    assert "does not fit the cluster" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_a_remote_reward_server_that_dies_mid_iteration_and_comes_back(run_tiny, tmp_path):
+    """The server dies while iteration 2's responses are scored (its 8th request: 1 check, 1 initial eval, 3
+    scoring + 1 eval requests in iteration 1). Back within the retries, the run goes on as if nothing happened;
+    back only later, the run stops with one line, iteration 1 saved, and the resumed run equals the
+    uninterrupted one."""
+    from reward_server import DyingRewardServer
+
+    def remote(server, retries: int) -> list[str]:
+        return ["reward.kind=remote", f"reward.url={server.url}", "reward.batch_size=64", f"reward.retries={retries}"]
+
+    steady = DyingRewardServer()
+    try:
+        full, _ = run_tiny("iterations=3", *remote(steady, 3), out=tmp_path / "full")
+    finally:
+        steady.close()
+
+    brief = DyingRewardServer(die_at=8, back_after_s=1.0)
+    try:
+        rows, _ = run_tiny("iterations=3", *remote(brief, 3), out=tmp_path / "brief")
+    finally:
+        brief.close()
+    assert brief.requests > 8  # it died, and answered again after
+    same_rows(rows, full)
+
+    gone = DyingRewardServer(die_at=8)
+    try:
+        with pytest.raises(
+            PipelineError,
+            match=r"^reward scoring failed: remote reward .* failed after 2 tries .*Iterations up to 1 are saved in "
+            r".*: fix that, then rerun with --resume$",
+        ):
+            run_tiny("iterations=3", *remote(gone, 1), out=tmp_path / "gone")
+        assert [json.loads(x)["iteration"] for x in lines(tmp_path / "gone" / "metrics.jsonl")] == [0, 1]
+        gone.revive()
+        rows, _ = run_tiny("iterations=3", "resume=true", *remote(gone, 1), out=tmp_path / "gone")
+    finally:
+        gone.close()
+    same_rows(rows, full)
+
+
+@pytest.mark.slow
+def test_sigterm_while_a_checkpoint_is_written_keeps_the_previous_one(run_tiny, tmp_path, monkeypatch, capsys):
+    """`ray job stop` sends the driver SIGTERM; here it comes while iteration 2's checkpoint is being written
+    (the trainer saving into checkpoints/.iter_2.tmp). The run stops, iteration 1's checkpoint is intact; the
+    resume names the partial checkpoint, ignores it and equals the uninterrupted run."""
+    import signal
+    import threading
+
+    from pipeline.cli import _stop_on_sigterm
+    from pipeline.rundir import RunDir
+
+    full, _ = run_tiny("iterations=3", out=tmp_path / "full")
+    begin = RunDir.begin_checkpoint
+
+    def begin_then_sigterm(self, iteration):
+        tmp = begin(self, iteration)
+        if iteration == 2:
+            threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        return tmp
+
+    previous = signal.getsignal(signal.SIGTERM)
+    _stop_on_sigterm()
+    monkeypatch.setattr(RunDir, "begin_checkpoint", begin_then_sigterm)
+    try:
+        with pytest.raises(SystemExit):
+            run_tiny("iterations=3", out=tmp_path / "cut")
+            time.sleep(5)  # the signal lands within the checkpoint's write, or in this wait at the latest
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.setattr(RunDir, "begin_checkpoint", begin)
+    cut = RunDir(tmp_path / "cut")
+    assert cut.complete_checkpoints() == [1]
+    assert [p.name for p in cut.partial_checkpoints()] == [".iter_2.tmp"]
+    capsys.readouterr()
+    resumed, _ = run_tiny("iterations=3", "resume=true", out=tmp_path / "cut")
+    assert f"ignoring {tmp_path / 'cut' / 'checkpoints' / '.iter_2.tmp'}" in capsys.readouterr().out
+    assert cut.partial_checkpoints() == []
+    same_rows(resumed, full)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 2 MiB tmpfs (one tiny-model checkpoint fits, two do not); skipped where mounting is not allowed."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode:
+        pytest.skip(f"cannot mount a small filesystem on this machine ({res.stderr.strip()})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_filesystem_during_a_checkpoint_stops_clearly_and_resume_continues(run_tiny, tmp_path, small_filesystem):
+    """checkpoints/ on a real 2 MiB filesystem: iteration 2's checkpoint (written by trainer rank 0) finds it
+    full. One line names the path, the space left and what a checkpoint takes; iteration 1's checkpoint and
+    the completed rows stay; with room made, the resumed run equals the uninterrupted one."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.rundir import RunDir
+
+    full, _ = run_tiny("iterations=3", out=tmp_path / "full")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").symlink_to(small_filesystem)
+    with pytest.raises(
+        PipelineError,
+        match=r"^no space left on the device while writing iteration 2's records \(.*/checkpoints/\.iter_2\.tmp/"
+        r"policy: [0-9.]+ MiB free "
+        r"there; each checkpoint takes [0-9.]+ MiB and keep_checkpoints=2 are kept\)\. Iterations up to 1 are "
+        r"saved in .*: free space there .*rerun with --resume$",
+    ):
+        run_tiny("iterations=3", out=out)
+    rd = RunDir(out)
+    assert rd.complete_checkpoints() == [1] and rd.partial_checkpoints() == []
+    AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "iter_1" / "policy")
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_filesystem)], check=True)
+    resumed, _ = run_tiny("iterations=3", "resume=true", out=out)
+    same_rows(resumed, full)
+
+
+@pytest.mark.slow
+def test_a_full_filesystem_during_a_metrics_write_stops_clearly_and_resume_continues(run_tiny, tmp_path, monkeypatch):
+    """Fault injected: iteration 2's metrics row is cut short by a full disk (half the line written, then
+    ENOSPC). One line naming metrics.jsonl; rows 0 and 1 intact; the resumed run equals the uninterrupted one."""
+    import errno
+
+    from pipeline.rundir import RunDir
+
+    full, _ = run_tiny("iterations=3", out=tmp_path / "full")
+    append = RunDir.append_metrics
+
+    def disk_fills(self, row):
+        if row["iteration"] == 2:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(row)[:40])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.metrics_path))
+        append(self, row)
+
+    monkeypatch.setattr(RunDir, "append_metrics", disk_fills)
+    with pytest.raises(PipelineError, match=r"^no space left .* iteration 2's records \(.*metrics\.jsonl: [0-9.]+ MiB"):
+        run_tiny("iterations=3", out=tmp_path / "run")
+    monkeypatch.setattr(RunDir, "append_metrics", append)
+    assert [r["iteration"] for r in RunDir(tmp_path / "run").read_metrics()] == [0, 1]
+    resumed, _ = run_tiny("iterations=3", "resume=true", out=tmp_path / "run")
+    same_rows(resumed, full)

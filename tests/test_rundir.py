@@ -384,3 +384,16 @@ def test_report_on_a_good_run_still_works(finished_run, tmp_path, capsys):
     assert (good / "report.html").is_file()
     assert main(["report", str(good), str(good), "--out", str(tmp_path / "cmp")]) == 0
     assert "| 2 |" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_a_resume_refused_for_a_damaged_metrics_line_is_refused_before_any_write(finished_run, tiny_cfg):
+    """A damaged middle line of metrics.jsonl stops a resume in the checks (not after the actors' start-up),
+    and the refused resume writes nothing: config.yaml and config_changes.jsonl as they were."""
+    out = finished_run()
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([rows[0], "{damaged", *rows[1:]]) + "\n")
+    before = (out / "config.yaml").read_text()
+    with pytest.raises(RunDirError, match=r"metrics\.jsonl line 2 is not valid JSON"):
+        prepare(tiny_cfg(out, "iterations=3", "resume=true"))
+    assert (out / "config.yaml").read_text() == before
+    assert not (out / "config_changes.jsonl").exists()

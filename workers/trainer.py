@@ -16,6 +16,7 @@ APO's extrapolation is then plain tensor arithmetic on the full weights, on ever
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import random
@@ -781,12 +782,17 @@ class TrainerWorker:
 
         model = self._fp32_module(self.weights)
         policy = os.path.join(path, "policy")
-        model.save_pretrained(policy, safe_serialization=True)
-        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(policy)
-        copy_model_files(self.model_path, policy)
-        if self.method.extrapolates:
-            prev = {k: v.clone().contiguous() for k, v in self.trained_prev.items()}  # untie shared storage
-            save_file(prev, os.path.join(path, "apo_prev.safetensors"))
+        try:
+            model.save_pretrained(policy, safe_serialization=True)
+            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(policy)
+            copy_model_files(self.model_path, policy)
+            if self.method.extrapolates:
+                prev = {k: v.clone().contiguous() for k, v in self.trained_prev.items()}  # untie shared storage
+                save_file(prev, os.path.join(path, "apo_prev.safetensors"))
+        except Exception as e:
+            if "(os error 28)" in str(e):  # safetensors' Rust writer reports a full disk as SafetensorError
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), policy) from e
+            raise
 
     def load_checkpoint(self, path: str) -> None:
         """Resume from `save`'s layout (safetensors only; no pickle is ever loaded)."""
