@@ -532,13 +532,14 @@ def make_reward_actor(cfg: RunConfig):
     return ray.remote(RewardWorker).options(**reward_actor_options(reward)).remote(reward)
 
 
-def run_with_workers(prep: Prepared, workers: Workers, console: Console | None = None) -> list[dict]:
-    """One run on already-started heavy actors (the tests share one set across runs)."""
+def run_with_workers(prep: Prepared, workers: Workers, console: Console | None = None, reward=None) -> list[dict]:
+    """One run on already-started heavy actors (the tests share one set across runs); `reward`: the run's
+    reward actor when it was started already (it is killed at the end either way)."""
     from pipeline.report import Reporter
 
     cfg = prep.cfg
     reporter = Reporter(prep.rundir, cfg, console or Console(cfg.quiet))
-    reward = make_reward_actor(cfg)
+    reward = reward or make_reward_actor(cfg)
     logs = ActorLogs(prep.rundir.root, stream=cfg.verbose)
     try:
         with logs.explaining():
@@ -566,12 +567,17 @@ def run(cfg: RunConfig) -> list[dict]:
         check_output_dir_reachable(cfg, prep.rundir)
         fit(cfg, cluster_nodes())  # a plan the cluster cannot hold is refused before the run writes a file
     write_run_files(prep, changes)
-    with (
-        ActorLogs(prep.rundir.root, stream=cfg.verbose).explaining(),
-        console.status("starting vLLM engines and DeepSpeed trainers"),
-    ):
-        workers = start_workers(cfg, prep.model_path)
+    reward = make_reward_actor(cfg)  # its process starts while the engines and trainers do
     try:
-        return run_with_workers(prep, workers, console)
+        with (
+            ActorLogs(prep.rundir.root, stream=cfg.verbose).explaining(),
+            console.status("starting vLLM engines and DeepSpeed trainers"),
+        ):
+            workers = start_workers(cfg, prep.model_path)
+    except BaseException:
+        ray.kill(reward, no_restart=True)
+        raise
+    try:
+        return run_with_workers(prep, workers, console, reward)
     finally:
         workers.shutdown()

@@ -409,6 +409,11 @@ class TrainerWorker:
         )
         probe = torch.tensor([float(self.rank + 1)], device=self.device)
         dist.all_reduce(probe)
+        # imported now, while the engines start (the driver waits for this call alongside them): `setup` then
+        # only reads the model
+        import accelerate  # noqa: F401
+        from transformers import AutoModelForCausalLM, modeling_utils  # noqa: F401
+
         return {
             "rank": dist.get_rank(),
             "world": dist.get_world_size(),
