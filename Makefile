@@ -40,7 +40,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 test: setup lint
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q --durations=25 tests
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow" tests

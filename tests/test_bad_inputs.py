@@ -348,6 +348,7 @@ def test_loop_timeouts_say_what_to_raise_and_what_is_saved(tmp_path, monkeypatch
     from pipeline.rundir import RunDir
 
     loop = SimpleNamespace(cfg=SimpleNamespace(call_timeout_s=5.0), rundir=RunDir(tmp_path))
+    loop.stopped = lambda problem, fix: Loop.stopped(loop, problem, fix)
 
     def raising(error):
         def get(refs, timeout=None):
