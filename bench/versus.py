@@ -125,8 +125,8 @@ def time_to(run: dict, target: float) -> float | None:
     return next((s for it, reward, s in timeline(run) if it > 0 and reward >= target - 1e-9), None)
 
 
-def stage_means(run: dict) -> str:
-    rows = [r for r in run["rows"] if r["iteration"] > 0]
+def stage_means(runs: list[dict]) -> str:
+    rows = [r for run in runs for r in run["rows"] if r["iteration"] > 0]
     keys = [("gen", "time_generate_s"), ("score", "time_score_s"), ("train", "time_train_s"), ("sync", "time_sync_s")]
     parts = [
         f"{name} {statistics.fmean(r.get(k) or 0.0 for r in rows):.1f}" for name, k in keys if any(k in r for r in rows)
@@ -153,6 +153,7 @@ def main() -> None:
     config = MODELS[args.model]
     if args.summarize:
         saved = json.loads((OUT / f"results-{args.model}.json").read_text())
+        args.seeds = saved.get("seeds", args.seeds)
         summarize(args, config, saved["results"], saved["task"])
         return
     iters = [f"iterations={args.iterations}"] if args.iterations else []
@@ -188,7 +189,7 @@ def main() -> None:
             )
             results.setdefault(f"{peer}, {loss_name(nll)}", []).append(run)
             print(peer, seed, [round(r["eval_reward_mean"], 3) for r in run["rows"]], f"{run['wall']:.0f}s", flush=True)
-    (OUT / f"results-{args.model}.json").write_text(json.dumps({"results": results, "task": task}))
+    (OUT / f"results-{args.model}.json").write_text(json.dumps({"results": results, "task": task, "seeds": args.seeds}))
     summarize(args, config, results, task)
 
 
@@ -200,7 +201,7 @@ def summarize(args, config: str, results: dict[str, list[dict]], task: dict) -> 
         f"{n_iters} iterations, seeds {args.seeds}, batch {task['batch_size']} pairs per step, lr {task['lr']:g}.",
         "",
         "| run | eval reward after each iteration (mean over seeds) | start-up + shutdown s | per iteration s "
-        "(gen / score / train / sync) | wall s | time to onalign's final reward s | ratio vs onalign |",
+        "(gen / score / train / sync) | wall s | time to onalign's final reward s | its time / onalign's, per seed |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():
@@ -213,12 +214,12 @@ def summarize(args, config: str, results: dict[str, list[dict]], task: dict) -> 
             mine, theirs = time_to(base, target), time_to(run, target)
             reach.append(theirs)
             total = timeline(run)[-1][2]
-            ratios.append(f"{theirs / mine:.2f}x" if theirs is not None else f"> {total / mine:.2f}x")
+            ratios.append(f"{theirs / mine:.2f}x" if theirs is not None else f"never (whole run {total / mine:.2f}x)")
         reached = [r for r in reach if r is not None]
         mean_reach = f"{statistics.fmean(reached):.1f} " if reached else ""
         lines.append(
             f"| {name} | {' → '.join(f'{e:.3f}' for e in evals)} | {statistics.fmean(map(start_and_stop, runs)):.1f} "
-            f"| {stage_means(runs[0])} | {statistics.fmean(r['wall'] for r in runs):.1f} "
+            f"| {stage_means(runs)} | {statistics.fmean(r['wall'] for r in runs):.1f} "
             f"| {mean_reach}({len(reached)}/{len(runs)} reached) | {', '.join(ratios)} |"
         )
     checks = [
@@ -227,11 +228,12 @@ def summarize(args, config: str, results: dict[str, list[dict]], task: dict) -> 
     check_s = sum(r.get("time_sync_check_s") or 0.0 for r in checks)
     iter_s = sum(r["time_total_s"] for r in checks)
     gaps = [r["sync_logp_max_abs_diff"] for r in checks if r.get("sync_logp_max_abs_diff") is not None]
-    lines += [
-        "",
-        f"Sync check (onalign runs): {check_s:.2f} s of {iter_s:.1f} s of iterations ({check_s / iter_s:.2%}); "
-        f"largest gap {max(gaps):.1e} per token over {len(gaps)} iterations.",
-    ]
+    if gaps and iter_s:
+        lines += [
+            "",
+            f"Sync check (onalign runs): {check_s:.2f} s of {iter_s:.1f} s of iterations ({check_s / iter_s:.2%}); "
+            f"largest gap {max(gaps):.1e} per token over {len(gaps)} iterations.",
+        ]
     text = "\n".join(lines)
     print(text)
     write_section(
