@@ -40,6 +40,9 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 test: setup lint
+	$(VENV)/bin/pytest -q --durations=25 -m "not full" tests
+
+test-all: setup lint
 	$(VENV)/bin/pytest -q --durations=25 tests
 
 test-fast: setup

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,11 +205,13 @@ def check_run(cfg: RunConfig) -> Prepared:
     return _check_all(cfg, create=False)[0]
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """Every check that needs no actor, then the run's files. Nothing in output_dir is written until all of
-    them passed; a refused run leaves no directory it made."""
+def prepare(cfg: RunConfig, then_check: Callable[[Prepared], None] | None = None) -> Prepared:
+    """Every check that needs no actor, then `then_check` (a run's cluster checks), then the run's files.
+    Nothing in output_dir is written until all of them passed; a refused run leaves no directory it made."""
     with removed_if_refused(cfg):
         prep, changes = _check_all(cfg, create=True)
+        if then_check is not None:
+            then_check(prep)
     write_run_files(prep, changes)
     return prep
 
@@ -557,8 +559,8 @@ def run(cfg: RunConfig) -> list[dict]:
     from pipeline.placement import cluster_nodes, fit
 
     console = Console(cfg.quiet)
-    with removed_if_refused(cfg):
-        prep, changes = _check_all(cfg, create=True)
+
+    def on_the_cluster(prep: Prepared) -> None:
         console.log(
             f"model {prep.model_path}; {len(prep.train)} train / {len(prep.eval)} eval prompts; output "
             f"{prep.rundir.root}" + ("" if cfg.verbose else f" (actors' output in {prep.rundir.root / 'logs'}/)")
@@ -566,7 +568,8 @@ def run(cfg: RunConfig) -> list[dict]:
         init_ray(cfg)
         check_output_dir_reachable(cfg, prep.rundir)
         fit(cfg, cluster_nodes())  # a plan the cluster cannot hold is refused before the run writes a file
-    write_run_files(prep, changes)
+
+    prep = prepare(cfg, on_the_cluster)
     reward = make_reward_actor(cfg)  # its process starts while the engines and trainers do
     try:
         with (

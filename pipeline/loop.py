@@ -75,19 +75,20 @@ class Loop:
         self.colocated = cfg.placement == "colocate"
         self.view = ProgressView(reporter.console, enabled=reporter.console.rich)  # bars on a terminal only
         self.placement = placement or {}
+        self.first = 1  # the first iteration this process runs (`start`: after the resumed one)
 
     def run(self) -> list[dict]:
-        first = self.start()
-        for it in range(first, self.cfg.iterations + 1):
-            row = self.iteration(it)
-            try:
+        try:
+            self.first = self.start()
+            for it in range(self.first, self.cfg.iterations + 1):
+                row = self.iteration(it)
                 self.record(row)  # metrics first: a resume truncates rows past the last complete checkpoint
                 self.save_checkpoint(it)
                 self.rundir.publish()
-            except OSError as e:
-                if e.errno not in NO_SPACE:
-                    raise
-                raise self.out_of_space(e, f"iteration {it}'s records") from None
+        except OSError as e:  # the driver's own writes (metrics, samples, state.json); the actors' in `get`
+            if e.errno not in NO_SPACE:
+                raise
+            raise self.out_of_space(e, "writing the run's records") from None
         rows = self.rundir.read_metrics()
         check_something_trained(rows)
         return rows
@@ -204,16 +205,26 @@ class Loop:
         return TrainStage(stats, apo_step, time_train, time_sync)
 
     def check_sync(self, it: int, gap: float | None) -> None:
-        """Stop the run when the engines sampled iteration `it` from other weights than the trainers hold."""
+        """Stop the run when the engines sampled iteration `it` from another policy than the trainers hold (a
+        NaN gap included)."""
         tolerance = self.cfg.sync_tolerance()
-        if self.cfg.sync.check and gap is not None and gap > tolerance:
-            after = f"after iteration {it - 1}" if it > 1 else "at start-up"
+        if not self.cfg.sync.check or gap is None or gap <= tolerance:
+            return
+        problem = (
+            f"iteration {it}: the engine sampled from another policy than the trainers hold: the log-probs of its "
+            f"samples differ from the trainers' by up to {gap:.3g} per token (sync.check_tolerance {tolerance:g})"
+        )
+        if it == self.first:  # both sides had just loaded the same weights from disk
             raise self.stopped(
-                f"iteration {it}: the engine's weights differ from the trainers': the log-probs of the responses it "
-                f"sampled differ from the trainers' by up to {gap:.3g} per token (sync.check_tolerance {tolerance:g}), "
-                f"so the weight sync {after} did not reach it",
-                "check the weight sync (logs/rollout-*.log, sync.backend)",
+                f"{problem}, right after both loaded the same weights: vLLM and transformers compute this model "
+                "differently",
+                "check that both support its architecture (logs/rollout-*.log); raise sync.check_tolerance, or set "
+                "sync.check=false, only once that difference is understood",
             )
+        raise self.stopped(
+            f"{problem}, so the weight sync after iteration {it - 1} did not reach the engine",
+            "check the weight sync (logs/rollout-*.log, sync.backend)",
+        )
 
     def stopped(self, problem: str, fix: str) -> PipelineError:
         """The error that ends a run: what happened, what is saved, and how to go on."""
@@ -311,9 +322,8 @@ class Loop:
             reward_state = self.get(self.reward.state_dict.remote(), "reward state")
             state = checkpoint_state(self.fingerprint(), self.initial_eval, reward_state)
             self.rundir.commit_checkpoint(tmp, iteration, state, keep=self.cfg.keep_checkpoints)
-        except OSError as e:
-            if e.errno in NO_SPACE:
-                shutil.rmtree(tmp, ignore_errors=True)
+        except (OSError, PipelineError):  # a full disk in the trainer's write arrives as `out_of_space`'s error
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
 
     def out_of_space(self, error: OSError, what: str) -> PipelineError:
@@ -328,7 +338,7 @@ class Loop:
             size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 2**20
             need = f"; each checkpoint takes {size:.1f} MiB and keep_checkpoints={self.cfg.keep_checkpoints} are kept"
         return self.stopped(
-            f"no space left on the device while writing {what} ({path}: {free:.1f} MiB free there{need})",
+            f"no space left on the device: {what} ({path}: {free:.1f} MiB free there{need})",
             "free space there (or lower keep_checkpoints, or choose an output_dir with room)",
         )
 
@@ -348,26 +358,25 @@ class Loop:
         """ray.get with the configured timeout and a message that says how to resume; with `progress`
         (from `bar`), the bar follows the actors' counts while it waits."""
         limit = f"call_timeout_s={self.cfg.call_timeout_s:g}s"
-        stopped = self.stopped
         try:
             if progress is not None:
                 self.view.follow(refs, progress, self.cfg.call_timeout_s)
             return get_failing_fast(refs, self.cfg.call_timeout_s)
         except ray.exceptions.GetTimeoutError:
             fix = "raise call_timeout_s (model loading and the first steps can take minutes) or fix the stall"
-            raise stopped(f"{what} did not answer within {limit}", fix) from None
+            raise self.stopped(f"{what} did not answer within {limit}", fix) from None
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
             if isinstance(cause, OSError) and cause.errno in NO_SPACE:
-                raise cause from None  # the caller names what it was writing (`out_of_space`)
+                raise self.out_of_space(cause, what) from None
             if isinstance(cause, (OnalignError, ValueError)):
-                raise stopped(f"{what} failed: {str(cause).rstrip('.')}", "fix that") from None
+                raise self.stopped(f"{what} failed: {str(cause).rstrip('.')}", "fix what it names") from None
             text = " ".join(str(cause).split())
             if isinstance(cause, TimeoutError) or (
                 isinstance(cause, RuntimeError) and ("timed out" in text.lower() or "timeout" in text.lower())
             ):  # torch.distributed's collectives wait call_timeout_s too (the trainers' process group timeout)
                 problem = f"{what} timed out inside an actor ({type(cause).__name__}: {text[:200]}) under {limit}"
-                raise stopped(problem, "raise call_timeout_s (the trainers' collectives wait that long)") from None
+                raise self.stopped(problem, "raise call_timeout_s (the trainers' collectives wait that long)") from None
             raise
         except ray.exceptions.RayActorError as e:
             dead, lost_nodes = self.dead_actors()
@@ -378,7 +387,7 @@ class Loop:
                 if lost_nodes
                 else "fix the cause (see its log)"
             )
-            raise stopped(problem, fix) from None
+            raise self.stopped(problem, fix) from None
 
     def dead_actors(self, wait_s: float = 10.0) -> tuple[list[str], list[str]]:
         """The actors that are gone (a busy live one does not answer within `wait_s` and counts as alive), and

@@ -296,8 +296,12 @@ def headline_table(rows: list[dict]) -> Table:
     )
 
 
+# a row's unix time (time to reward, in metrics.jsonl and metrics.csv): a timestamp, not a measure to chart
+TIMESTAMPS = ("finished_at",)
+
+
 def full_table(rows: list[dict]) -> Table:
-    cols = _columns(rows)
+    cols = [c for c in _columns(rows) if c not in TIMESTAMPS]
     return Table(header=cols, rows=[[_fmt(r.get(c)) for c in cols] for r in rows], keys=cols)
 
 
@@ -676,7 +680,11 @@ class Reporter:
 
     def iteration_done(self, row: dict) -> None:
         self.console.iteration_done(row)
-        scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        scalars = {
+            k: v
+            for k, v in row.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k not in TIMESTAMPS
+        }
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, row["iteration"])

@@ -10,11 +10,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 def start_reward_server(answer: Callable[[bytes], bytes], port: int = 0) -> tuple[str, ThreadingHTTPServer]:
     """Serve in a daemon thread (on `port`, 0: any free one); returns the scoring URL and the server
-    (`shutdown()` it when done). An `answer` that raises drops the connection without a response."""
+    (`shutdown()` it when done). An `answer` that raises ConnectionAbortedError drops the request unanswered."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
-            data = answer(self.rfile.read(int(self.headers["Content-Length"])))
+            try:
+                data = answer(self.rfile.read(int(self.headers["Content-Length"])))
+            except ConnectionAbortedError:  # the server "dies": the request is dropped unanswered
+                self.close_connection = True
+                return
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -36,6 +40,7 @@ class DyingRewardServer:
     def __init__(self, die_at: int | None = None, back_after_s: float | None = None) -> None:
         self.die_at, self.back_after_s = die_at, back_after_s
         self.requests = 0
+        self.lock = threading.Lock()  # the server answers each request in a thread of its own
         self.url, self.server = start_reward_server(self._answer)
         self.port = self.server.server_address[1]
 
@@ -44,8 +49,10 @@ class DyingRewardServer:
 
         from rewards.functions import reverse_reward
 
-        self.requests += 1
-        if self.requests == self.die_at:
+        with self.lock:
+            self.requests += 1
+            dies = self.requests == self.die_at
+        if dies:
             threading.Thread(target=self._die, daemon=True).start()
             raise ConnectionAbortedError("the reward server dies")
         req = json.loads(body)

@@ -250,6 +250,7 @@ def test_tied_output_projection_is_sent_once_under_the_embedding_name():
 
 
 @pytest.mark.slow
+@pytest.mark.full  # guards a bench script; fp32 masters and the bf16 sync source have tests of their own
 def test_the_gpu_trainer_check_runs_on_cpu_ranks(tmp_path):
     """bench/gpu_trainer_check.py (the trainer side of the GPU path, for a GPU machine without vLLM or Ray)
     runs its checks on CPU ranks too, so it cannot rot between GPU loans: bf16 ZeRO-2 and ZeRO-3 keep the

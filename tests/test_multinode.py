@@ -155,6 +155,8 @@ def test_ray_job_submit_to_the_cluster(cluster, tmp_path):
         time.sleep(3)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "done: 1 iterations" in proc.stdout
+    # --quiet: one line per iteration, none of the actors' own output (it stays in Ray's log files)
+    assert "pid=" not in proc.stdout and "RolloutWorker" not in proc.stdout, proc.stdout[-2000:]
     assert [r["iteration"] for r in rows_of(out)] == [0, 1] and (out / "report.html").is_file()
     where = json.loads((out / "logs" / "actors.json").read_text())
     assert where["driver"]["node_id"] == cluster.node_id("head")

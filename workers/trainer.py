@@ -16,7 +16,6 @@ APO's extrapolation is then plain tensor arithmetic on the full weights, on ever
 
 from __future__ import annotations
 
-import errno
 import gc
 import os
 import random
@@ -152,6 +151,18 @@ def has_dropout(model: torch.nn.Module) -> bool:
     if getattr(model.config, "attention_dropout", 0.0):
         return True
     return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def as_os_error(error: Exception, path: str) -> Exception:
+    """safetensors' Rust writer reports an I/O failure (a full disk, a quota) as `SafetensorError("... (os error
+    N)")`: the OSError it stands for, naming `path`, so the driver can say what ran out; others unchanged."""
+    import re
+
+    found = None if isinstance(error, OSError) else re.search(r"\(os error (\d+)\)", str(error))
+    if found is None:
+        return error
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), path)
 
 
 def clone_weights(weights: StateDict) -> StateDict:
@@ -795,9 +806,10 @@ class TrainerWorker:
                 prev = {k: v.clone().contiguous() for k, v in self.trained_prev.items()}  # untie shared storage
                 save_file(prev, os.path.join(path, "apo_prev.safetensors"))
         except Exception as e:
-            if "(os error 28)" in str(e):  # safetensors' Rust writer reports a full disk as SafetensorError
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), policy) from e
-            raise
+            mapped = as_os_error(e, policy)
+            if mapped is e:
+                raise
+            raise mapped from e
 
     def load_checkpoint(self, path: str) -> None:
         """Resume from `save`'s layout (safetensors only; no pickle is ever loaded)."""
