@@ -146,13 +146,12 @@ def _fp32_masters_rank(rank: int, world: int, stage: int, port: int, out: str) -
 def test_bf16_zero_keeps_fp32_master_weights(stage, tmp_path):
     """The engine starts from the fp32 weights (not their bf16 rounding) and the gather returns the fp32
     masters: with a 1e-9 learning rate the weights move by ~1e-9, far below bf16's rounding (~1e-3)."""
-    import torch.multiprocessing as mp
 
-    from workers.trainer import free_port
+    from ranks import spawn_ranks
 
     sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import this module
     out = str(tmp_path / "gathered.pt")
-    mp.start_processes(_fp32_masters_rank, args=(2, stage, free_port(), out), nprocs=2, join=True, start_method="spawn")
+    spawn_ranks(_fp32_masters_rank, lambda port: (2, stage, port, out), nprocs=2)
     res = torch.load(out)
     w0, got = res["w0"], res["got"]
     assert list(got) == list(w0)

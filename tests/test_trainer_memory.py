@@ -82,15 +82,11 @@ def _train_rank(rank: int, model_path: str, stage: int, port: int, out: str) -> 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
 def trained(request, model_path, tmp_path_factory):
     """One DPO iteration with `reference: initial` in a spawned DeepSpeed rank, and what it left behind."""
-    import torch.multiprocessing as mp
-
-    from workers.trainer import free_port
+    from ranks import spawn_ranks
 
     sys.path.insert(0, os.path.dirname(__file__))  # the spawned rank imports this module
     out = str(tmp_path_factory.mktemp("trained") / "weights.pt")
-    mp.start_processes(
-        _train_rank, args=(model_path, request.param, free_port(), out), nprocs=1, join=True, start_method="spawn"
-    )
+    spawn_ranks(_train_rank, lambda port: (model_path, request.param, port, out), nprocs=1)
     return torch.load(out)
 
 
@@ -156,15 +152,11 @@ def _train_with(rank: int, model_path: str, settings: dict, port: int, out: str)
 
 
 def _trained_with(model_path: str, tmp_path, name: str, settings: dict) -> dict:
-    import torch.multiprocessing as mp
-
-    from workers.trainer import free_port
+    from ranks import spawn_ranks
 
     sys.path.insert(0, os.path.dirname(__file__))  # the spawned rank imports this module
     out = str(tmp_path / f"{name}.pt")
-    mp.start_processes(
-        _train_with, args=(model_path, settings, free_port(), out), nprocs=1, join=True, start_method="spawn"
-    )
+    spawn_ranks(_train_with, lambda port: (model_path, settings, port, out), nprocs=1)
     return torch.load(out)
 
 
@@ -258,3 +250,25 @@ def test_mmap_threshold_is_a_glibc_setting():
     with pytest.raises(ValidationError, match="less than or equal to 32768"):
         TrainConfig(cpu_preload_tcmalloc=False, cpu_mmap_threshold_kib=65536)
     assert TrainConfig(cpu_preload_tcmalloc=False, cpu_mmap_threshold_kib=128).cpu_mmap_threshold_kib == 128
+
+
+def test_spawned_ranks_start_again_when_their_port_was_taken(tmp_path):
+    """The free-port race (a port found free, then taken before rank 0 binds it), made certain: the first port
+    given is held by a listening socket. The ranks start again on a fresh port instead of failing."""
+    import socket
+
+    from ranks import spawn_ranks, store_rank
+
+    sys.path.insert(0, os.path.dirname(__file__))  # the spawned rank imports tests/ranks.py
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports: list[int] = []
+
+        def args(p: int) -> tuple:
+            ports.append(p)
+            return (p,)
+
+        spawn_ranks(store_rank, args, nprocs=1, port=port)
+    assert ports[0] == port and len(ports) == 2 and ports[1] != port
