@@ -4,7 +4,7 @@ An entry carries the name of its loss (a function in `workers.losses.LOSSES`), t
 that builds its training group from one prompt's scored samples (`rewards.pairs.GROUP_BUILDERS`), and the
 traits that the config, the reward actor and the trainer read. Adding a method is one
 `register(Method(...))` here (plus a loss function, or a group builder, when it needs a new one). What
-each method trains on follows its paper; see `shared/notes/methods.md` and README's table.
+each method trains on follows its paper (cited on each loss in `workers.losses`); README's table sums it up.
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""The driver side of onalign: config, iteration loop, reports, CLI."""
+"""The driver side of onalign: the checks before start-up, Ray and the actors, the iteration loop, run
+directories, reports and the CLI. The config schema lives in `common.config`."""

@@ -1,4 +1,4 @@
-"""Preference losses and the registry that makes each method one config key.
+"""Preference losses, by name in `LOSSES` (each method in `common.methods` names the one it trains with).
 
 Every loss is a pure function of summed response log-probs (see `workers.logprobs`), so it can be
 checked on fixed tensors. Inputs are `[B, K]` tensors with the K responses of a prompt ranked best
