@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from peerkit import Record, hf_greedy_eval, load_task, messages, reward_function
+from peerkit import TRL_ON_CPU, Record, hf_greedy_eval, load_task, messages, reward_function
 
 WORK = Path("/tmp/onalign-bench/versus/loop")
 
@@ -128,11 +128,7 @@ def train(model_path: str, reference: str, task_path: str, pairs_path: str, out:
         loss_type=["sigmoid", "sft"] if nll else ["sigmoid"],
         loss_weights=[1.0, nll] if nll else None,
         seed=task["seed"],
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10**6,
+        **TRL_ON_CPU,
     )
     trainer = DPOTrainer(
         model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok

@@ -13,6 +13,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the reward functions live in the repository (rewards/functions.py)
 
 
+# What both peers give TRL's trainer configs beyond the task's settings: fp32 on CPU, no logging or saving of
+# their own (the peer records its rows; the loop saves the model itself)
+TRL_ON_CPU = {"use_cpu": True, "bf16": False, "report_to": "none", "save_strategy": "no", "logging_steps": 10**6}
+
+
 def load_task(path: str) -> dict:
     """versus.py's task: model, reward "module:function", train and eval prompts (texts, references) and the
     shared settings (n_samples, temperature, top_p, max_new_tokens, iterations, lr, beta, nll_coef,

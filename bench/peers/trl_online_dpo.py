@@ -13,7 +13,7 @@ import time
 
 import torch
 from datasets import Dataset
-from peerkit import Record, hf_greedy_eval, load_task, messages, reward_function
+from peerkit import TRL_ON_CPU, Record, hf_greedy_eval, load_task, messages, reward_function
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
@@ -44,11 +44,7 @@ def main(task_path: str, out_path: str) -> None:
         temperature=task["temperature"],
         top_p=task["top_p"],
         seed=task["seed"],
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10**6,
+        **TRL_ON_CPU,
     )
     stage = {"generate": 0.0, "eval": 0.0}
 
