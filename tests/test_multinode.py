@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from same_metrics import assert_same_metrics
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,16 +105,6 @@ def rows_of(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_metrics(rows: list[dict], reference: list[dict]) -> None:
-    assert [r["iteration"] for r in rows] == [r["iteration"] for r in reference]
-    for a, b in zip(rows, reference, strict=True):
-        for key in COMPARED:
-            if b.get(key) is None:
-                assert a.get(key) is None, (a["iteration"], key)
-            else:
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["iteration"], key)
-
-
 @pytest.fixture(scope="module")
 def across_nodes(cluster, tmp_path_factory):
     """The reference run: 3 iterations, trainer ranks on one node, the engine on another."""
@@ -136,7 +127,7 @@ def test_trainers_and_engine_on_their_own_nodes(cluster, across_nodes, tmp_path)
     local = {k: v for k, v in cluster.env.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     proc = onalign(local, single, "ray_num_cpus=2")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert_same_metrics(rows_of(across_nodes), rows_of(single))
+    assert_same_metrics(rows_of(across_nodes), rows_of(single), COMPARED)
 
 
 def test_ray_job_submit_to_the_cluster(cluster, tmp_path):
@@ -203,4 +194,4 @@ def test_a_lost_trainer_node_stops_the_run_clearly_and_resume_continues_it(clust
     assert [r["iteration"] for r in rows_of(out)] == [0, 1]
     resumed = onalign(cluster.env, out, *ACROSS, "--resume")
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
-    assert_same_metrics(rows_of(out), rows_of(across_nodes))
+    assert_same_metrics(rows_of(out), rows_of(across_nodes), COMPARED)

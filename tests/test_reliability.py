@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from same_metrics import assert_same_metrics
 
 from pipeline.checkpoint import ResumeError
 from pipeline.driver import prepare, run_with_workers
@@ -60,13 +61,7 @@ def uninterrupted(workers, tiny_cfg, tmp_path_factory) -> list[dict]:
 
 def same_rows(rows: list[dict], full: list[dict]) -> None:
     """A resumed (or disturbed) run's rows equal the uninterrupted run's on every `COMPARED` metric."""
-    assert [r["iteration"] for r in rows] == [r["iteration"] for r in full]
-    for a, b in zip(rows, full, strict=True):
-        for key in COMPARED:
-            if b.get(key) is None:
-                assert a.get(key) is None, (a["iteration"], key)
-            else:
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["iteration"], key)
+    assert_same_metrics(rows, full, COMPARED)
 
 
 @pytest.fixture(scope="module")
@@ -214,12 +209,7 @@ def test_resume_after_driver_stop_matches_uninterrupted(run_tiny, tmp_path, monk
     assert [json.loads(x)["iteration"] for x in lines(tmp_path / "cut" / "metrics.jsonl")] == [0, 1, 2]
     resumed, _ = run_tiny("iterations=4", "resume=true", out=tmp_path / "cut")
     assert [r["iteration"] for r in resumed] == [0, 1, 2, 3, 4]
-    for a, b in zip(resumed, full, strict=True):
-        for key in COMPARED:
-            if b.get(key) is None:
-                assert a.get(key) is None
-            else:
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["iteration"], key)
+    same_rows(resumed, full)
 
 
 @pytest.mark.slow
