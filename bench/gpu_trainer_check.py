@@ -6,7 +6,7 @@ ZeRO-3, three iterations each on a synthetic DPO batch, and four checks that pri
 1. fp32 masters kept: at lr=1e-9 no weight moves by more than 1/100 of its bf16 rounding step (a policy
    restarted from its bf16 rounding each iteration would move by up to half a step);
 2. memory flat: the peak and the resident CUDA memory of iterations 2 and 3 within 5% of iteration 1's;
-3. the tensors the GPU sync paths hand vLLM's producers (`workers.trainer.engine_tensors`) are bit for bit
+3. the tensors the GPU sync paths hand vLLM's producers (`workers.nccl_client.engine_tensors`) are bit for bit
    the trainer's fp32 weights rounded to bf16 on the CPU;
 4. log-probs of the bf16 module against the fp32 module, per token (reported; checked against 0.05 nats).
 
@@ -34,9 +34,10 @@ import argparse
 import json
 import os
 import random
-import socket
 import sys
 from pathlib import Path
+
+from common.ports import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -77,7 +78,8 @@ def rank_main(rank: int, world: int, port: int, stage: int, model_path: str, res
     os.environ["CUDA_VISIBLE_DEVICES"] = str(rank) if gpus else ""
     from common.config import TrainConfig
     from workers.logprobs import batched_sequence_logprobs
-    from workers.trainer import TrainerWorker, engine_tensors
+    from workers.nccl_client import engine_tensors
+    from workers.trainer import TrainerWorker
 
     trainer = TrainerWorker(rank, world, 600, num_gpus=gpus)
     trainer.connect("127.0.0.1", port)
@@ -119,16 +121,10 @@ def rank_main(rank: int, world: int, port: int, stage: int, model_path: str, res
     results.put(out)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def check_stage(stage: int, world: int, model_path: str, gpus: int) -> list[dict]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    port = free_port("127.0.0.1")
     procs = [
         ctx.Process(target=rank_main, args=(r, world, port, stage, model_path, results, gpus)) for r in range(world)
     ]

@@ -95,10 +95,10 @@ def train_variant(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from common.config import AlgorithmConfig
+    from workers.batches import micro_batches
     from workers.heap import set_mmap_threshold
     from workers.logprobs import batched_sequence_logprobs, bin_pack, sequence_logprobs
     from workers.losses import LossInputs, dpo_loss
-    from workers.trainer import micro_batches
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -241,7 +241,7 @@ def sync_lever() -> tuple[float, float, float, int]:
     from transformers import AutoModelForCausalLM
 
     from workers.cpu_transfer import to_wire
-    from workers.trainer import sync_state_dict
+    from workers.weights import sync_state_dict
 
     path = bench_model("bench")[0]
     model = AutoModelForCausalLM.from_pretrained(path)

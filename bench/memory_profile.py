@@ -101,9 +101,11 @@ def main() -> None:
     from deepspeed.runtime.engine import DeepSpeedEngine
     from transformers import AutoTokenizer
 
+    from common.ports import free_port
     from common.records import PreferenceBatch
     from workers import trainer as trainer_module
-    from workers.trainer import TrainerWorker, flatten, free_port
+    from workers.batches import flatten
+    from workers.trainer import TrainerWorker
 
     torch.set_num_threads(2)
     path, described, _ = bench_model(args.model)
@@ -131,7 +133,7 @@ def main() -> None:
     sampler.wrap(trainer_module, "loss_inputs", "forward (policy log-probs, logits)", after="loss")
     sampler.wrap(DeepSpeedEngine, "backward", "backward (gradients, reduction)", after="after backward")
     sampler.wrap(DeepSpeedEngine, "step", "optimizer step (Adam)", after="after step")
-    sampler.wrap(TrainerWorker, "_gather", "gather the new weights", after="release the engine")
+    sampler.wrap(trainer_module, "gather_fp32", "gather the new weights", after="release the engine")
     worker.train(PreferenceBatch(with_sampled_logps(groups, lps, 2)), 2)
     sampler.enter("after the iteration")
     time.sleep(0.05)

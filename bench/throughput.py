@@ -174,7 +174,7 @@ def main() -> None:
     from common.config import SyncConfig, TrainConfig
     from common.records import PreferenceBatch
     from workers.actor_group import TrainerGroup, trainer_env
-    from workers.trainer import flatten
+    from workers.batches import flatten
     from workers.weight_sync import sync_weights
 
     path, described, title = bench_model(args.model)

@@ -25,7 +25,7 @@ from pipeline.metrics import RolloutStage, TrainStage, iteration_row, merge_rank
 from pipeline.progress import ProgressView
 from pipeline.rundir import RunDir
 from workers.actor_group import TrainerGroup
-from workers.trainer import steps_per_rank
+from workers.batches import steps_per_rank
 from workers.weight_sync import init_sync, resolve_backend, sync_weights
 
 # a write that failed for want of space (a full disk, a quota, a file-size limit)

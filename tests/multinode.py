@@ -18,32 +18,26 @@ from __future__ import annotations
 import json
 import sys
 
+from common.ports import free_port
+
 NODES = {
     "trainer": {"num_cpus": 2, "resources": {"onalign_trainer": 2}, "object_store_memory": 300 * 2**20},
     "engine": {"num_cpus": 2, "resources": {"onalign_engine": 1}, "object_store_memory": 300 * 2**20},
 }
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def agent_ports() -> dict[str, int]:
     """Ports of a node's agents, free ones: another Ray on this machine (the test session's own) holds Ray's
     defaults, and a head whose job agent cannot bind answers 'No available agent to submit job'."""
     keys = ("dashboard_agent_listen_port", "metrics_agent_port", "metrics_export_port", "runtime_env_agent_port")
-    return {key: free_port() for key in keys}
+    return {key: free_port("127.0.0.1") for key in keys}
 
 
 def main() -> None:
     from ray.cluster_utils import Cluster
 
     head = {"num_cpus": 1, "resources": {"onalign_head": 1}, "include_dashboard": True, "dashboard_port": 0}
-    head |= agent_ports() | {"ray_client_server_port": free_port()}
+    head |= agent_ports() | {"ray_client_server_port": free_port("127.0.0.1")}
     cluster = Cluster(initialize_head=True, connect=False, head_node_args=head)
     nodes = {name: cluster.add_node(**spec, **agent_ports()) for name, spec in NODES.items()}
     cluster.wait_for_nodes()

@@ -13,7 +13,7 @@ def spawn_ranks(
     the first one to try); when rank 0 finds it taken (EADDRINUSE), all start again on a fresh port."""
     import torch.multiprocessing as mp
 
-    from workers.trainer import free_port
+    from common.ports import free_port
 
     port = port or free_port()
     for attempt in range(tries):

@@ -114,7 +114,8 @@ def _fp32_masters_rank(rank: int, world: int, stage: int, port: int, out: str) -
     import deepspeed
 
     from common.config import TrainConfig
-    from workers.trainer import TrainerWorker, load_fp32_masters
+    from workers.ds_engine import gather_fp32, load_fp32_masters
+    from workers.trainer import TrainerWorker
 
     deepspeed.init_distributed(dist_backend="gloo")
     model = _tiny_module()
@@ -136,7 +137,7 @@ def _fp32_masters_rank(rank: int, world: int, stage: int, port: int, out: str) -
         engine.backward((engine(x).float() * engine.module.scale).sum())
         engine.step()
     trainer = SimpleNamespace(train_cfg=TrainConfig(zero_stage=stage, bf16=True), weights=w0)
-    got = TrainerWorker._gather(trainer, engine, list(w0), TrainerWorker._untrained(trainer, engine.module))
+    got = gather_fp32(engine, list(w0), TrainerWorker._untrained(trainer, engine.module), masters=True)
     if rank == 0:
         torch.save({"w0": w0, "got": got}, out)
 
@@ -191,18 +192,17 @@ def test_bf16_training_iterations_keep_fp32_weights(ray_cluster, model_path, sta
 
 
 def test_sync_source_sends_the_engine_dtype_from_fp32_masters():
-    from workers.trainer import state_dict_source
+    from workers.nccl_client import state_dict_source
 
     weights = {"a": torch.randn(3, 2), "b": torch.randn(4)}
-    trainer = SimpleNamespace(weights=weights, sync_weights=lambda: weights)
-    source = state_dict_source(trainer, torch.bfloat16, torch.device("cpu"))
+    source = state_dict_source(lambda: weights, torch.bfloat16, torch.device("cpu"))
     assert [(m.name, m.dtype, m.shape) for m in source.metadata()] == [
         ("a", torch.bfloat16, (3, 2)),
         ("b", torch.bfloat16, (4,)),
     ]
     for name, t in source:
-        assert t.dtype == torch.bfloat16 and torch.equal(t, trainer.weights[name].bfloat16())
-    assert all(v.dtype == torch.float32 for v in trainer.weights.values())  # the masters stay fp32
+        assert t.dtype == torch.bfloat16 and torch.equal(t, weights[name].bfloat16())
+    assert all(v.dtype == torch.float32 for v in weights.values())  # the masters stay fp32
 
 
 # ---------------------------------------------------------------- 5. TP placement groups are removed
@@ -238,7 +238,7 @@ def test_auto_sync_backend_needs_gpus_on_both_sides():
 
 def test_tied_output_projection_is_sent_once_under_the_embedding_name():
     """Gemma2's vLLM model has no lm_head module when the embeddings are tied: sending it fails the sync."""
-    from workers.trainer import sync_state_dict
+    from workers.weights import sync_state_dict
 
     emb = torch.randn(5, 3)
     weights = {"model.embed_tokens.weight": emb, "lm_head.weight": emb, "model.norm.weight": torch.ones(3)}

@@ -109,7 +109,7 @@ def test_a_forward_without_logits_to_keep_gets_the_same_logprobs(model_and_tok):
 def test_micro_batches_partition_every_item_once(grouped):
     import random
 
-    from workers.trainer import micro_batches
+    from workers.batches import micro_batches
 
     widths = [random.Random(i).randint(5, 200) for i in range(203)]
     batches = micro_batches(widths, 8, random.Random(0), grouped)
@@ -123,7 +123,7 @@ def test_micro_batches_partition_every_item_once(grouped):
 def test_group_by_length_pads_less_and_keeps_order_random():
     import random
 
-    from workers.trainer import micro_batches
+    from workers.batches import micro_batches
 
     widths = [random.Random(i).randint(5, 200) for i in range(256)]
 

@@ -18,8 +18,9 @@ from common.config import AlgorithmConfig
 from common.methods import get_method
 from common.records import PreferenceGroup, Rollout
 from rewards.actor import RewardWorker
+from workers.batches import loss_inputs, micro_batches, rank_pair_weights, shard_for_rank
 from workers.losses import LOSSES, wdpo_weights
-from workers.trainer import apo_extrapolate, loss_inputs, micro_batches, rank_pair_weights, shard_for_rank
+from workers.weights import apo_extrapolate
 
 WORDS = ["abc", "defg", "hij", "klmn", "opq", "rstu", "vwx", "yzab"]
 
@@ -254,7 +255,7 @@ def test_reference_logps_come_from_the_rollout_only_for_this_iterations_own_samp
     """OPTune reuse: a reused group's samples came from an older policy, so its reference log-probs need a
     forward pass; a regenerated group's come with the rollout and equal that forward pass."""
     from workers.logprobs import batched_sequence_logprobs
-    from workers.trainer import rollout_reference
+    from workers.sync_check import rollout_reference
 
     tok, model = tiny
     w = worker(tok, "wdpo", selection={"mode": "lowest_reward", "rho": 0.5})
@@ -275,7 +276,7 @@ def test_reference_logps_come_from_the_rollout_only_for_this_iterations_own_samp
 
 
 def test_spin_ground_truth_is_never_taken_from_the_rollout(tiny):
-    from workers.trainer import rollout_reference
+    from workers.sync_check import rollout_reference
 
     tok, model = tiny
     w = worker(tok, "spin", n=1)
@@ -335,7 +336,8 @@ def test_sync_gap_compares_only_this_iterations_samples_with_the_trainers_policy
     samples, from the first micro-batch's forward or from the probe, equal what the sampling policy (the
     engine) reported; older samples (OPTune's reused groups, here sampled by another policy) are not compared;
     a trainer holding other weights than the engine's is seen."""
-    from workers.trainer import TrainerWorker, engine_logps, sync_gap
+    from workers.sync_check import engine_logps, sync_gap
+    from workers.trainer import TrainerWorker
 
     tok, model = tiny
     w = worker(tok, "wdpo", selection={"mode": "lowest_reward", "rho": 0.5})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from common.ports import free_port
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +23,7 @@ def head(tmp_path_factory):
     bindir = Path(sys.executable).parent
     env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", RAY_AUTH_MODE="token", HF_HUB_OFFLINE="1")
     env.pop("RAY_ADDRESS", None)
-    dash = free_port()
+    dash = free_port("127.0.0.1")
     temp = tmp_path_factory.mktemp("rayhead")
     start = [
         str(bindir / "ray"),
@@ -37,7 +32,7 @@ def head(tmp_path_factory):
         "--num-cpus",
         "2",
         "--port",
-        str(free_port()),
+        str(free_port("127.0.0.1")),
         "--dashboard-host",
         "127.0.0.1",
         "--dashboard-port",
@@ -56,7 +51,7 @@ def head(tmp_path_factory):
         "--metrics-export-port",
         "--ray-client-server-port",
     ):
-        start += [flag, str(free_port())]
+        start += [flag, str(free_port("127.0.0.1"))]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     env["RAY_ADDRESS"] = f"http://127.0.0.1:{dash}"
     yield env

@@ -539,7 +539,8 @@ def test_a_full_disk_in_the_trainers_checkpoint_write_is_an_os_error(model_path,
     import transformers.modeling_utils
     from safetensors import SafetensorError
 
-    from workers.trainer import TrainerWorker, as_os_error
+    from workers.trainer import TrainerWorker
+    from workers.weights import as_os_error
 
     trainer = TrainerWorker(0, 1)
     trainer.setup(model_path, {}, {"name": "dpo"}, seed=0)

@@ -28,7 +28,7 @@ def test_setup_holds_a_tied_head_as_the_embedding_itself(trainer):
 
 
 def test_set_weights_copies_once_and_keeps_the_tie(trainer):
-    from workers.trainer import clone_weights
+    from workers.weights import clone_weights
 
     w = trainer.get_weights()
     copy = clone_weights(w)
@@ -232,7 +232,7 @@ def test_cpu_ranks_use_small_zero_buckets():
     """DeepSpeed's default buckets (5e8 elements: 2 GB in fp32, allocated at every backward) made a 2-rank
     group on the 13M model peak at 1.7-2.4 GB a rank under tcmalloc; 0.95 GB with these."""
     from common.config import TrainConfig
-    from workers.trainer import CPU_BUCKET_ELEMENTS, ds_config
+    from workers.ds_engine import CPU_BUCKET_ELEMENTS, ds_config
 
     zero = ds_config(TrainConfig(), 2)["zero_optimization"]
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == CPU_BUCKET_ELEMENTS <= 50_000_000

@@ -16,370 +16,31 @@ APO's extrapolation is then plain tensor arithmetic on the full weights, on ever
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 import statistics
 import time
-from typing import TypeVar
 
 import torch
 
 from common.config import AlgorithmConfig, TrainConfig
-from common.methods import Method, get_method
+from common.methods import get_method
+from common.ports import free_port
 from common.records import PreferenceBatch, PreferenceGroup
 from common.ticker import Ticker
 from workers import heap
-from workers.logprobs import batched_sequence_logprobs, packing_agrees, sequence_logprobs
-from workers.losses import LOSSES, LossInputs, wdpo_weights
-
-StateDict = dict[str, torch.Tensor]
-T = TypeVar("T")
-
-
-def trained_order(n: int, world: int, rotate: int = 0) -> list[int]:
-    """The indices of the n groups that train this iteration, in the order the ranks stride over them. Every
-    rank must run the same number of collective steps, so n % world groups wait; which ones rotates with
-    `rotate` (the iteration), so no group waits every time (with SPIN, the mixed-in previous pairs were the
-    last ones, and never trained)."""
-    if n == 0:
-        return []
-    start = (rotate * (n % world)) % n
-    order = [*range(start, n), *range(start)]
-    return order[: n - n % world]
-
-
-def shard_for_rank(groups: list[T], rank: int, world: int, rotate: int = 0) -> list[T]:
-    """Rank `rank`'s equal-sized strided shard of the groups that train (`trained_order`)."""
-    return [groups[i] for i in trained_order(len(groups), world, rotate)[rank::world]]
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now (call it on the node that will listen on it)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def flatten(groups: list[PreferenceGroup]) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt, response) token lists of every response of every group, group by group."""
-    return [g.prompt_ids for g in groups for _ in g.responses], [r for g in groups for r in g.responses]
-
-
-def rank_pair_weights(
-    groups: list[PreferenceGroup], rank: int, world: int, cfg: AlgorithmConfig, rotate: int = 0
-) -> torch.Tensor:
-    """OPTune's wDPO weights of this rank's shard (`shard_for_rank` with the same `rotate`), normalised over
-    the pairs that all ranks train on together, so a pair's weight does not depend on the rank or micro-batch
-    it lands in."""
-    order = trained_order(len(groups), world, rotate)
-    gaps = torch.tensor([groups[i].rewards[0] - groups[i].rewards[-1] for i in order], dtype=torch.float32)
-    return wdpo_weights(gaps, cfg)[rank::world]
-
-
-def loss_inputs(
-    model,
-    groups: list[PreferenceGroup],
-    method: Method,
-    pad_id: int,
-    ref_logps: torch.Tensor | None = None,
-    weights: torch.Tensor | None = None,
-    packed: bool = False,
-) -> LossInputs:
-    """The loss inputs of one micro-batch: policy log-probs of every group's responses (with gradient),
-    their lengths and rewards, the given reference log-probs and pair weights, and, for methods that score
-    the dataset's target (SLiC-HF's y_ref), log pi(y_ref | x)."""
-    k = len(groups[0].responses)
-    logps, lengths = sequence_logprobs(model, *flatten(groups), pad_id, packed)
-    device = logps.device
-    inputs = LossInputs(
-        logps=logps.view(len(groups), k),
-        lengths=lengths.view(len(groups), k),
-        rewards=torch.tensor([g.rewards for g in groups], dtype=torch.float32, device=device),
-        ref_logps=ref_logps.to(device) if ref_logps is not None else None,
-        weights=weights.to(device) if weights is not None else None,
-    )
-    if method.scores_sft_target:
-        missing = [g.prompt_index for g in groups if not g.sft_ids]
-        if missing:
-            raise ValueError(f"{method.name} needs each prompt's SFT target; prompts {missing[:5]} have none")
-        inputs.sft_logps, _ = sequence_logprobs(
-            model, [g.prompt_ids for g in groups], [g.sft_ids for g in groups], pad_id, packed
-        )
-    return inputs
-
-
-def engine_logps(groups: list[PreferenceGroup], iteration: int) -> torch.Tensor:
-    """[groups, K]: the engine's log pi(y|x) of each response it sampled in `iteration`, NaN for the rest
-    (older samples: OPTune's reused groups, SPIN's mixed-in pairs, `pair_pool: all`; dataset targets). The
-    engine sampled them from the policy the trainers hold at the iteration's start."""
-    out = torch.full((len(groups), len(groups[0].responses)), float("nan"))
-    for i, g in enumerate(groups):
-        for k in range(len(g.responses)):
-            logp = g.sample_logps[k] if g.sample_logps else None
-            at = g.sampled_at[k] if g.sampled_at else None
-            if logp is not None and at == iteration:
-                out[i, k] = logp
-    return out
-
-
-def rollout_reference(groups: list[PreferenceGroup], iteration: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Reference log-probs [groups, K] that the rollout already gave, and the (group, response) slots it did
-    not: a response's sampled log-prob is its reference log-prob when the policy that sampled it is the
-    reference, i.e. it was sampled in this `iteration` (reference = the iteration's starting policy). The
-    missing slots (see `engine_logps`) need a forward pass."""
-    known = engine_logps(groups, iteration)
-    missing = [(int(i), int(k)) for i, k in torch.isnan(known).nonzero().tolist()]
-    return known.nan_to_num(0.0), missing
-
-
-def sync_gap(trainer_logps: torch.Tensor, engine: torch.Tensor, lengths: torch.Tensor) -> float | None:
-    """The sync's proof: max over the responses the engine sampled (`engine` not NaN) of
-    |log pi_trainer(y|x) - log pi_engine(y|x)| / |y|, the per-token gap between the trainer's policy and
-    the weights the engine sampled with; None when there is no such response."""
-    fresh = ~torch.isnan(engine)
-    if not fresh.any():
-        return None
-    gap = (trainer_logps.detach().float().cpu() - engine).abs() / lengths.float().cpu().clamp(min=1)
-    return float(gap[fresh].max())
-
-
-def has_dropout(model: torch.nn.Module) -> bool:
-    """Whether a training-mode forward of `model` is random (dropout layers, or attention dropout)."""
-    if getattr(model.config, "attention_dropout", 0.0):
-        return True
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
-
-
-def as_os_error(error: Exception, path: str) -> Exception:
-    """safetensors' Rust writer reports an I/O failure (a full disk, a quota) as `SafetensorError("... (os error
-    N)")`: the OSError it stands for, naming `path`, so the driver can say what ran out; others unchanged."""
-    import re
-
-    found = None if isinstance(error, OSError) else re.search(r"\(os error (\d+)\)", str(error))
-    if found is None:
-        return error
-    code = int(found.group(1))
-    return OSError(code, os.strerror(code), path)
-
-
-def clone_weights(weights: StateDict) -> StateDict:
-    """A detached copy of `weights` in which tensors that share storage (tied embeddings) stay one tensor."""
-    copies: dict[tuple, torch.Tensor] = {}
-    out: StateDict = {}
-    for name, w in weights.items():
-        key = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()))
-        if key not in copies:
-            copies[key] = w.detach().clone()
-        out[name] = copies[key]
-    return out
-
-
-def apo_extrapolate(trained: StateDict, trained_prev: StateDict, alpha: float) -> tuple[StateDict, float]:
-    """APO's Nesterov step (arXiv 2410.06293): theta = theta_hat + alpha (theta_hat - theta_hat_prev).
-
-    Returns the new weights and the step's L2 norm. Tensors that share storage (tied embeddings) stay
-    tied and are counted once."""
-    new: StateDict = {}
-    done: dict[int, torch.Tensor] = {}
-    step_sq = 0.0
-    for name, w in trained.items():
-        key = w.untyped_storage().data_ptr()
-        if key in done:
-            new[name] = done[key]
-            continue
-        step = alpha * (w - trained_prev[name])
-        step_sq += float(step.pow(2).sum())
-        new[name] = done[key] = w + step
-    return new, step_sq**0.5
-
-
-def sync_state_dict(weights: StateDict, hf_config) -> StateDict:
-    """`weights` less the output projection when it is tied to the input embeddings (sent once)."""
-    if not getattr(hf_config, "tie_word_embeddings", False):
-        return weights
-    return {k: v for k, v in weights.items() if k != "lm_head.weight"}
-
-
-# What a checkpoint keeps byte for byte from the model the run started from: the tokenizer's files and
-# the generation config (stop tokens such as Llama-3's end of turn live only there).
-MODEL_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-)
-
-
-def copy_model_files(model_dir: str, out_dir: str) -> None:
-    """Copy the user's tokenizer files and generation config unchanged into a checkpoint's model dir."""
-    import shutil
-
-    for name in MODEL_FILES:
-        src = os.path.join(model_dir, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(out_dir, name))
-
-
-def release(engine) -> None:
-    """Free an iteration's DeepSpeed engine for good. `destroy()` drops the gradient hooks that keep the model
-    and optimizer alive (without it every iteration leaked one engine). The engine, its module and
-    DeepSpeed's flat copies of the weights still form reference cycles, so the caller must drop its own
-    references (the engine, the module, the last loss, whose graph reaches the parameters) and then call
-    `collect`: collected any earlier, the cycles lived on until Python's collector happened to run, and the
-    next iteration's peak held two engines' buffers."""
-    engine.destroy()
-    forget_zero3_engine(engine.module)
-
-
-def forget_zero3_engine(module: torch.nn.Module) -> None:
-    """Drop what DeepSpeed's ZeRO-3 keeps of a destroyed engine in module-level state (DeepSpeed 0.19), each
-    of which kept the whole engine alive, one more every iteration: the top module it pushes onto the
-    forward-module stack at set-up and never pops, and the parameter coordinator's `lru_cache` (no size
-    limit) keyed by the coordinator and the submodules."""
-    from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
-
-    stack = parameter_offload.FWD_MODULE_STACK
-    stack[:] = [m for m in stack if m is not module]
-    cls = partitioned_param_coordinator.PartitionedParameterCoordinator
-    method = getattr(cls, "_PartitionedParameterCoordinator__params_to_release", None)
-    # the cache sits under DeepSpeed's NVTX wrapper (a closure without functools.wraps)
-    for fn in [method, *(c.cell_contents for c in getattr(method, "__closure__", None) or ())]:
-        if hasattr(fn, "cache_clear"):
-            fn.cache_clear()  # shared by every coordinator: a live one only recomputes its entries
-
-
-def collect() -> None:
-    """Collect the released engine's reference cycles now and trim the heap, so the next iteration's engine
-    reuses the memory."""
-    gc.collect()
-    heap.trim()
-    if torch.cuda.is_initialized():  # give the freed blocks back to the GPU: a colocated engine wakes into them
-        torch.cuda.empty_cache()
+from workers.batches import loss_inputs, micro_batches, rank_pair_weights, shard_for_rank
+from workers.ds_engine import collect, ds_config, gather_fp32, load_fp32_masters, release
+from workers.logprobs import batched_sequence_logprobs, packing_agrees
+from workers.losses import LOSSES
+from workers.sync_check import engine_logps, has_dropout, rollout_reference, sync_gap
+from workers.weights import StateDict, apo_extrapolate, as_os_error, clone_weights, copy_model_files, sync_state_dict
 
 
 def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def steps_per_rank(n_groups: int, world: int, micro_batch_size: int, epochs: int) -> int:
-    """Optimizer steps each rank runs on `n_groups` groups (for the driver's progress bar)."""
-    shard = len(shard_for_rank(list(range(n_groups)), 0, world))
-    return epochs * -(-shard // micro_batch_size)
-
-
-def micro_batches(widths: list[int], size: int, rng: random.Random, group_by_length: bool = True) -> list[list[int]]:
-    """One epoch's micro-batches of indices into `widths` (each item's padded width), in random order.
-
-    With `group_by_length` (HF's LengthGroupedSampler idea) each shuffled window of 8 micro-batches is
-    sorted by width before it is cut, so a micro-batch holds similar lengths and pads little; the
-    micro-batches are then shuffled, so the order stays random."""
-    order = list(range(len(widths)))
-    rng.shuffle(order)
-    if group_by_length:
-        window = size * 8
-        order = [
-            i
-            for s in range(0, len(order), window)
-            for i in sorted(order[s : s + window], key=lambda i: widths[i], reverse=True)
-        ]
-    batches = [order[s : s + size] for s in range(0, len(order), size)]
-    if group_by_length:
-        rng.shuffle(batches)
-    return batches
-
-
-# ZeRO's gradient-reduction and all-gather buckets on CPU ranks, in elements (DeepSpeed's default, 5e8, is a
-# 2 GB fp32 buffer allocated at every backward: tcmalloc keeps such a freed span and later allocations
-# touch it piece by piece, so a 2-rank group on the 13M model peaked at 2.4 GB a rank).
-CPU_BUCKET_ELEMENTS = 50_000_000
-
-
-def ds_config(train: TrainConfig, world: int) -> dict:
-    zero: dict = {"stage": train.zero_stage}
-    if train.num_gpus == 0:
-        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = CPU_BUCKET_ELEMENTS
-    if train.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if train.offload_params:
-        zero["offload_param"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": train.micro_batch_size * world,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": train.lr, "weight_decay": train.weight_decay, "torch_adam": True, "fused": True},
-        },
-        "zero_optimization": zero,
-        "gradient_clipping": train.grad_clip,
-        "bf16": {"enabled": train.bf16},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def load_fp32_masters(engine, weights: StateDict) -> None:
-    """Start a bf16 DeepSpeed engine from the fp32 weights, not their bf16 rounding.
-
-    DeepSpeed builds its fp32 master copy from the module's (bf16) parameters, which would round the policy
-    to bf16 at the start of every iteration and lose the small updates kept in fp32. Call on every rank right
-    after `deepspeed.initialize` (ZeRO 1/2: each rank copies its own fragment; ZeRO-3: its own partition).
-    A no-op when the module is fp32 (its parameters are the masters)."""
-    from deepspeed.utils import safe_set_full_fp32_param
-
-    module = engine.module
-    if all(p.dtype == torch.float32 for p in module.parameters()):
-        return
-    for name, param in module.named_parameters():
-        if name not in weights or not param.requires_grad:
-            continue
-        value = weights[name]
-        opt = getattr(param, "_z3_optimizer", None)
-        if hasattr(param, "ds_id") and opt is not None:
-            # DeepSpeed's ZeRO-3 setter cuts `value` at partition * rank without the padding of the last
-            # rank's partition (it fails for sizes not divisible by the world size): copy the slice here.
-            part, group_idx = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False)
-            start = part.numel() * opt._get_param_partition_rank(param)
-            piece = value.detach().reshape(-1)[start : start + part.numel()]
-            part.data[: piece.numel()].copy_(piece.to(part.dtype))
-            if opt._swappable_optimizer_subgroup(group_idx):
-                opt._optimizer_states_and_gradient_swap_out(group_idx)
-        else:
-            safe_set_full_fp32_param(param, value.detach().to(param.device, torch.float32))
-
-
-def state_dict_source(trainer: TrainerWorker, dtype: torch.dtype, device: torch.device):
-    """vLLM `WeightSource` over the trainer's full state dict: HF names, sent in the engine's dtype.
-
-    It reads `trainer.weights` at every round, so one source serves every sync of a run."""
-    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
-
-    class StateDictSource(WeightSource):
-        def metadata(self) -> list:
-            return [ParamMeta(k, dtype, tuple(v.shape)) for k, v in trainer.sync_weights().items()]
-
-        def __iter__(self):
-            return engine_tensors(trainer.sync_weights(), dtype, device)
-
-    return StateDictSource()
-
-
-def engine_tensors(weights: StateDict, dtype: torch.dtype, device: torch.device):
-    """(name, tensor) as the GPU sync paths hand them to vLLM's producers: each fp32 weight cast to the
-    engine's dtype on the sending device (bench/gpu_trainer_check.py checks them bit for bit)."""
-    for k, v in weights.items():
-        yield k, v.to(device=device, dtype=dtype, non_blocking=True)
 
 
 class TrainerWorker:
@@ -548,13 +209,13 @@ class TrainerWorker:
             config=ds_config(self.train_cfg, self.world),
         )[0]
         load_fp32_masters(engine, self.weights)  # bf16: DeepSpeed's masters would be the rounded module
-        # The engine now holds the policy: drop this rank's own copy until `_gather` makes the next one (one
+        # The engine now holds the policy: drop this rank's own copy until `gather_fp32` makes the next one (one
         # full copy of the weights less at the peak). A failure from here on stops the run (resume from the
         # last checkpoint), as the driver does for any failed training call.
         keys, kept = list(self.weights), self._untrained(model)
         self.weights = {}
         losses, stats, first_gap = self._fit(engine, shard, plan, ref_logps, weights, progress, packed, sampled)
-        self.weights = self._gather(engine, keys, kept)
+        self.weights = gather_fp32(engine, keys, kept, masters=self.train_cfg.bf16)
         release(engine)
         del engine, model
         collect()
@@ -681,44 +342,6 @@ class TrainerWorker:
         frozen |= {name for name, _ in model.named_buffers()}
         return {name: self.weights[name] for name in frozen if name in self.weights}
 
-    def _gather(self, engine, keys: list[str], kept: StateDict) -> StateDict:
-        """Full fp32 weights on CPU, on every rank: the optimizer's fp32 masters (under bf16 the module holds
-        only their bf16 rounding), assembled from every rank's fragment (a collective: all ranks run it).
-        `keys`: the state dict's names in order; `kept`: `_untrained`'s tensors. Adam's moments are freed
-        first (the iteration is over), so the new copy takes their place at the memory peak."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        base = getattr(engine.optimizer, "optimizer", None)
-        if base is not None and hasattr(base, "state"):
-            base.state.clear()
-        module = engine.module
-        masters = self.train_cfg.bf16  # in fp32 the module's parameters are the masters (no extra collective)
-        out: StateDict = {}
-        for name, param in module.named_parameters():
-            full = safe_get_full_fp32_param(param) if masters and param.requires_grad else None
-            if full is None and not param.requires_grad and name in kept:
-                out[name] = kept[name]  # frozen: unchanged, and still fp32
-            elif full is None:  # no master copy (not an optimizer parameter): the module's own values
-                if hasattr(param, "ds_id"):
-                    from deepspeed.runtime.zero import GatheredParameters
-
-                    with GatheredParameters([param]):
-                        out[name] = param.detach().float().cpu().clone()
-                else:
-                    out[name] = param.detach().float().cpu().clone()
-            else:
-                out[name] = full.detach().float().cpu().clone()
-        for name, buf in module.named_buffers():
-            old = kept.get(name)
-            # buffers are not trained; under bf16 the module holds a rounded copy of the fp32 original
-            out[name] = old if old is not None and old.dtype != buf.dtype else buf.detach().cpu().clone()
-        # Tied embeddings share storage: keep the names the checkpoint format expects.
-        for key in keys:
-            if key not in out:
-                src = "model.embed_tokens.weight" if key == "lm_head.weight" else key
-                out[key] = out[src]
-        return {k: out[k] for k in keys}
-
     def extrapolate(self, alpha: float) -> float:
         """APO: theta <- theta_hat + alpha * (theta_hat - theta_hat_prev); returns the step's L2 norm.
 
@@ -736,38 +359,19 @@ class TrainerWorker:
 
     # ------------------------------------------------------------ weights out
     def init_nccl_sync(self, engines: list, world_size: int, dtype: str) -> None:
-        """GPU path, rank 0: open vLLM's NCCL weight-transfer group with every engine worker.
+        """GPU path, rank 0: open vLLM's NCCL weight-transfer group with every engine worker (`nccl_sender`);
+        the fp32 weights go out in the engine's `dtype`."""
+        from workers.nccl_client import nccl_sender, state_dict_source
 
-        `world_size` is 1 + num_engines x TP; engine i's workers take ranks 1 + i*TP .. (i+1)*TP
-        (`EngineRanksClient`). The store is served here, on rank 0's node; the fp32 weights go out in the
-        engine's `dtype`."""
-        import ray
-        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
-        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
-
-        from workers.nccl_client import EngineRanksClient
-
-        info = NCCLTrainerInitInfo(
-            master_address=ray.util.get_node_ip_address(), master_port=free_port(), world_size=world_size, rank=0
-        )
-        source = state_dict_source(self, getattr(torch, dtype), self.device)
-        self.weight_sender = WeightTransferTrainerFactory.trainer_init(
-            info, client=EngineRanksClient(engines), source=source
-        )
+        source = state_dict_source(self.sync_weights, getattr(torch, dtype), self.device)
+        self.weight_sender = nccl_sender(engines, world_size, source)
 
     def init_ipc_sync(self, engines: list, dtype: str) -> None:
-        """GPU path under `placement: colocate`, every rank: vLLM's CUDA IPC weight transfer to the engines on
-        the trainer ranks' GPUs (packed: one bounded staging buffer; rank 0 ships the gathered handles)."""
-        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
-        from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+        """GPU path under `placement: colocate`, every rank: vLLM's CUDA IPC weight transfer (`ipc_sender`)."""
+        from workers.nccl_client import ipc_sender, state_dict_source
 
-        from workers.nccl_client import EngineRanksClient
-
-        info = IPCTrainerInitInfo(rank=self.rank, packed=True)
-        source = state_dict_source(self, getattr(torch, dtype), self.device)
-        self.weight_sender = WeightTransferTrainerFactory.trainer_init(
-            info, client=EngineRanksClient(engines), source=source
-        )
+        source = state_dict_source(self.sync_weights, getattr(torch, dtype), self.device)
+        self.weight_sender = ipc_sender(engines, self.rank, source)
 
     def send_weights(self) -> None:
         """GPU path: the current weights into every engine (NCCL: rank 0's packed broadcast; IPC: every rank)."""
