@@ -99,7 +99,8 @@ def _dispatch(args) -> int:
     from common.config import load_config
 
     if args.command == "report":
-        from pipeline.report import write_comparison, write_report
+        from pipeline.compare import write_comparison
+        from pipeline.report import write_report
 
         if len(args.runs) == 1:
             print(write_report(args.runs[0], args.out))

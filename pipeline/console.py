@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from common.errors import is_user_error
+from pipeline.tables import HEADLINE, headline_cells
 
 
 def quiet_libraries() -> None:
@@ -37,29 +38,6 @@ def quiet_libraries() -> None:
     if hub_bars:
         enable_progress_bars()
     logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
-
-
-COLUMNS = [
-    ("iteration", "it", "{}"),
-    ("eval_reward_mean", "eval_reward", "{:.3f}"),
-    ("win_rate_vs_initial", "win_rate", "{:.2f}"),
-    ("reward_mean", "rollout_reward", "{:.3f}"),
-    ("pairs", "pairs", "{}"),
-    ("loss", "loss", "{:.4f}"),
-    ("pair_accuracy", "pair_acc", "{:.2f}"),
-    ("generated_tokens", "gen_tokens", "{}"),
-    ("generation_saved_fraction", "gen_saved", "{:.0%}"),
-    ("time_total_s", "time_s", "{:.1f}"),
-]
-
-
-def fmt(value, pattern: str) -> str:
-    if value is None:
-        return "-"
-    try:
-        return pattern.format(value)
-    except (ValueError, TypeError):
-        return str(value)
 
 
 class Console:
@@ -96,17 +74,17 @@ class Console:
             yield bars
 
     def iteration_done(self, row: dict) -> None:
-        cells = [fmt(row.get(k), p) for k, _, p in COLUMNS]
+        cells = headline_cells(row)
         if self.rich:
             from rich.table import Table
 
             table = Table(show_header=row.get("iteration") == 0, box=None, pad_edge=False)
-            for _, title, _ in COLUMNS:
-                table.add_column(title, justify="right", min_width=len(title))
+            for column in HEADLINE:
+                table.add_column(column.short, justify="right", min_width=len(column.short))
             table.add_row(*cells)
             self.console.print(table)
         else:
-            print("[onalign] " + "  ".join(f"{t}={c}" for (_, t, _), c in zip(COLUMNS, cells, strict=True)), flush=True)
+            print("[onalign] " + "  ".join(f"{c.short}={v}" for c, v in zip(HEADLINE, cells, strict=True)), flush=True)
 
 
 # ---------------------------------------------------------------- the actors' output

@@ -537,7 +537,7 @@ def make_reward_actor(cfg: RunConfig):
 def run_with_workers(prep: Prepared, workers: Workers, console: Console | None = None, reward=None) -> list[dict]:
     """One run on already-started heavy actors (the tests share one set across runs); `reward`: the run's
     reward actor when it was started already (it is killed at the end either way)."""
-    from pipeline.report import Reporter
+    from pipeline.sinks import Reporter
 
     cfg = prep.cfg
     reporter = Reporter(prep.rundir, cfg, console or Console(cfg.quiet))

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 from common.records import PreferenceBatch, Rollout
 
+# a row's unix time (time to reward, in metrics.jsonl and metrics.csv): a timestamp, not a measure to chart
+TIMESTAMPS = ("finished_at",)
+
 
 @dataclass
 class RolloutStage:

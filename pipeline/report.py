@@ -3,9 +3,9 @@
 `write_report(run_dir)` reads config.yaml, metrics.jsonl and samples.jsonl and writes report.md,
 report.html, metrics.csv and plots/*.png beside them. The report leads with a two-line summary and the
 short per-iteration table (one `Table`, rendered to Markdown and to HTML); every metric follows in a
-collapsed section of the HTML and in metrics.csv. `write_comparison(runs, out)` puts several runs on shared
-axes. The driver calls `Reporter.iteration_done` after every iteration; `onalign report` calls the
-same functions on finished or interrupted runs.
+collapsed section of the HTML and in metrics.csv. The driver rewrites it after every iteration
+(`pipeline.sinks`); `onalign report` calls the same function on finished or interrupted runs
+(`pipeline.compare` puts several runs on shared axes).
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import html
 import json
 import math
 import os
-import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -25,7 +23,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.metrics import TIMESTAMPS  # noqa: E402
 from pipeline.rundir import RunDir, RunDirError  # noqa: E402
+from pipeline.tables import HEADLINE, Table, headline_cells, num, page, saved_tokens, total  # noqa: E402
 
 PLOTS = {
     "eval_reward.png": "Eval reward and win rate vs the initial policy",
@@ -38,18 +38,7 @@ PLOTS = {
 TIME_KEYS = ["time_generate_s", "time_score_s", "time_train_s", "time_sync_s", "time_eval_s"]
 
 
-def _num(v) -> float:
-    try:
-        return float("nan") if v is None or isinstance(v, str) else float(v)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def _total(values) -> float:
-    return sum(x for x in map(_num, values) if not math.isnan(x))
-
-
-def _get(tree, *keys: str, default=None):
+def config_value(tree, *keys: str, default=None):
     """tree[k1][k2]...: `default` where a level is missing or not a mapping."""
     for k in keys:
         if not isinstance(tree, dict) or k not in tree:
@@ -58,7 +47,7 @@ def _get(tree, *keys: str, default=None):
     return tree
 
 
-def _out_dir(path: str | os.PathLike) -> Path:
+def report_dir(path: str | os.PathLike) -> Path:
     out = Path(path)
     try:
         (out / "plots").mkdir(parents=True, exist_ok=True)
@@ -90,7 +79,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _empty(ax, text: str) -> None:
+def empty_axes(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -136,8 +125,8 @@ def _plots(rows: list[dict], samples: list[dict], plot_dir: Path, algorithm: str
     tits = [r["iteration"] for r in train_rows]
 
     with _figure(plot_dir / "eval_reward.png", "Eval reward per iteration") as ax:
-        ax.plot(its, [_num(r.get("eval_reward_mean")) for r in rows], "o-", label="eval reward (greedy)")
-        ax.plot(its, [_num(r.get("win_rate_vs_initial")) for r in rows], "s--", label="win rate vs initial")
+        ax.plot(its, [num(r.get("eval_reward_mean")) for r in rows], "o-", label="eval reward (greedy)")
+        ax.plot(its, [num(r.get("win_rate_vs_initial")) for r in rows], "s--", label="win rate vs initial")
         ax.set_xlabel("iteration")
         ax.set_xticks(its)
         _legend_below(ax)
@@ -147,15 +136,15 @@ def _plots(rows: list[dict], samples: list[dict], plot_dir: Path, algorithm: str
         if dist:
             _violins(ax, dist, "reward")
         else:
-            _empty(ax, "no rollouts yet")
+            empty_axes(ax, "no rollouts yet")
 
     with _figure(plot_dir / "loss.png", "Loss and pair accuracy") as ax:
         if any(r.get("loss") is not None for r in train_rows):
-            ax.plot(tits, [_num(r.get("loss")) for r in train_rows], "o-", label="loss (left axis)")
+            ax.plot(tits, [num(r.get("loss")) for r in train_rows], "o-", label="loss (left axis)")
             ax2 = ax.twinx()
             ax2.plot(
                 tits,
-                [_num(r.get("pair_accuracy")) for r in train_rows],
+                [num(r.get("pair_accuracy")) for r in train_rows],
                 "s--",
                 color="C1",
                 label="pair accuracy (right axis)",
@@ -166,19 +155,19 @@ def _plots(rows: list[dict], samples: list[dict], plot_dir: Path, algorithm: str
             (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
             _legend_below(ax, h1 + h2, l1 + l2)
         else:
-            _empty(ax, "no training step yet")
+            empty_axes(ax, "no training step yet")
 
     with _figure(plot_dir / "pair_weights.png", "wDPO pair weights") as ax:
         weights = [(s["iteration"], s["pair_weights"]) for s in samples if s.get("pair_weights")]
         if weights:
             _violins(ax, weights, "weight g(beta2 * reward gap)")
         else:
-            _empty(ax, f"no pair weights: algorithm '{algorithm}' is not wdpo")
+            empty_axes(ax, f"no pair weights: algorithm '{algorithm}' is not wdpo")
 
     with _figure(plot_dir / "tokens.png", "Generated vs saved tokens") as ax:
         if train_rows:
-            gen = [_num(r.get("generated_tokens")) for r in train_rows]
-            saved = [max(_num(r.get("generated_tokens_if_all")) - g, 0.0) for r, g in zip(train_rows, gen, strict=True)]
+            gen = [num(r.get("generated_tokens")) for r in train_rows]
+            saved = [max(num(r.get("generated_tokens_if_all")) - g, 0.0) for r, g in zip(train_rows, gen, strict=True)]
             ax.bar(tits, gen, label="generated")
             ax.bar(tits, saved, bottom=gen, label="saved by selection", color="C2")
             ax.set_xlabel("iteration")
@@ -186,13 +175,13 @@ def _plots(rows: list[dict], samples: list[dict], plot_dir: Path, algorithm: str
             ax.set_xticks(tits)
             _legend_below(ax)
         else:
-            _empty(ax, "no rollouts yet")
+            empty_axes(ax, "no rollouts yet")
 
     with _figure(plot_dir / "time.png", "Time per iteration") as ax:
         if train_rows:
             bottom = [0.0] * len(train_rows)
             for key in TIME_KEYS:
-                vals = [_num(r.get(key)) if r.get(key) is not None else 0.0 for r in train_rows]
+                vals = [num(r.get(key)) if r.get(key) is not None else 0.0 for r in train_rows]
                 ax.bar(tits, vals, bottom=bottom, label=key.removeprefix("time_").removesuffix("_s"))
                 bottom = [a + b for a, b in zip(bottom, vals, strict=True)]
             ax.set_xlabel("iteration")
@@ -200,7 +189,7 @@ def _plots(rows: list[dict], samples: list[dict], plot_dir: Path, algorithm: str
             ax.set_xticks(tits)
             _legend_below(ax)
         else:
-            _empty(ax, "no iteration yet")
+            empty_axes(ax, "no iteration yet")
 
 
 def _columns(rows: list[dict]) -> list[str]:
@@ -213,91 +202,10 @@ def _columns(rows: list[dict]) -> list[str]:
 # ---------------------------------------------------------------- one table model, two renderings
 
 
-@dataclass
-class Table:
-    """Cells already formatted as text; rendered as a Markdown table and as an HTML table from the same
-    data. `keys` (optional) are the metric names behind the headers (HTML tooltips); `left` are the
-    indices of the columns of text (left-aligned; numbers are right-aligned)."""
-
-    header: list[str]
-    rows: list[list[str]]
-    keys: list[str] | None = None
-    left: tuple[int, ...] = ()
-
-    def markdown(self) -> list[str]:
-        def cell(text: str) -> str:
-            return text.replace("|", "\\|").replace("\n", " ")
-
-        align = [":---" if i in self.left else "---:" for i in range(len(self.header))]
-        lines = ["| " + " | ".join(map(cell, self.header)) + " |", "|" + "|".join(align) + "|"]
-        return lines + ["| " + " | ".join(map(cell, r)) + " |" for r in self.rows]
-
-    def html(self, css_class: str = "") -> str:
-        esc = html.escape
-
-        def attrs(i: int) -> str:
-            return " class='l'" if i in self.left else ""
-
-        keys = self.keys or [""] * len(self.header)
-        head = "".join(
-            f"<th{attrs(i)}{f' title={esc(k)!r}' if k else ''}>{esc(h)}</th>"
-            for i, (h, k) in enumerate(zip(self.header, keys, strict=True))
-        )
-        body = "".join(
-            "<tr>" + "".join(f"<td{attrs(i)}>{esc(c)}</td>" for i, c in enumerate(r)) + "</tr>" for r in self.rows
-        )
-        cls = f" class='{css_class}'" if css_class else ""
-        return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _saved_tokens(row: dict) -> float:
-    """Tokens the iteration did not generate thanks to prompt selection (0 for iteration 0)."""
-    gen, if_all = _num(row.get("generated_tokens")), _num(row.get("generated_tokens_if_all"))
-    return 0.0 if math.isnan(gen) or math.isnan(if_all) else max(if_all - gen, 0.0)
-
-
-def _cell(value, pattern: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    try:
-        return pattern.format(value)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-# (title, metric key, format): what a reader looks at first
-HEADLINE = [
-    ("iteration", "iteration", "{}"),
-    ("eval reward", "eval_reward_mean", "{:.3f}"),
-    ("win rate vs initial", "win_rate_vs_initial", "{:.2f}"),
-    ("rollout reward mean", "reward_mean", "{:.3f}"),
-    ("pairs", "pairs", "{}"),
-    ("loss", "loss", "{:.4f}"),
-    ("pair accuracy", "pair_accuracy", "{:.2f}"),
-    ("generated tokens", "generated_tokens", "{:,}"),
-    ("tokens saved", "tokens_saved", "{}"),
-    ("seconds", "time_total_s", "{:.1f}"),
-]
-
-
-def _headline_value(row: dict, key: str):
-    if key != "tokens_saved":
-        return row.get(key)
-    if row.get("generated_tokens_if_all") is None:
-        return None
-    return f"{_saved_tokens(row):,.0f} ({_num(row.get('generation_saved_fraction')):.0%})"
-
-
 def headline_table(rows: list[dict]) -> Table:
     return Table(
-        header=[t for t, _, _ in HEADLINE],
-        rows=[[_cell(_headline_value(r, k), p) for _, k, p in HEADLINE] for r in rows],
-        keys=[k for _, k, _ in HEADLINE],
+        header=[c.title for c in HEADLINE], rows=[headline_cells(r) for r in rows], keys=[c.key for c in HEADLINE]
     )
-
-
-# a row's unix time (time to reward, in metrics.jsonl and metrics.csv): a timestamp, not a measure to chart
-TIMESTAMPS = ("finished_at",)
 
 
 def full_table(rows: list[dict]) -> Table:
@@ -320,7 +228,7 @@ def write_metrics_csv(rows: list[dict], path: Path) -> None:
 def summary_lines(rows: list[dict], cfg: dict) -> list[str]:
     """The report's two opening lines: eval reward from start to end (and its best iteration), and the
     generation that prompt selection saved."""
-    evals = [(r["iteration"], _num(r.get("eval_reward_mean"))) for r in rows]
+    evals = [(r["iteration"], num(r.get("eval_reward_mean"))) for r in rows]
     evals = [(i, v) for i, v in evals if not math.isnan(v)]
     if not evals:
         return ["No iteration recorded yet.", "Generation saved: none yet."]
@@ -334,10 +242,13 @@ def summary_lines(rows: list[dict], cfg: dict) -> list[str]:
             f"best {best:.3f} at iteration {best_it}."
         )
     trained = [r for r in rows if r["iteration"] > 0]
-    saved = sum(_saved_tokens(r) for r in trained)
-    if_all = _total(r.get("generated_tokens_if_all") for r in trained)
-    generated = _total(r.get("generated_tokens") for r in trained)
-    mode, rho = _get(cfg, "selection", "mode", default="all"), _get(cfg, "selection", "rho", default=1.0)
+    saved = sum(saved_tokens(r) for r in trained)
+    if_all = total(r.get("generated_tokens_if_all") for r in trained)
+    generated = total(r.get("generated_tokens") for r in trained)
+    mode, rho = (
+        config_value(cfg, "selection", "mode", default="all"),
+        config_value(cfg, "selection", "rho", default=1.0),
+    )
     if not trained:
         second = "Generation saved: none yet (no training iteration)."
     elif mode == "all" and not saved:
@@ -354,7 +265,7 @@ def summary_lines(rows: list[dict], cfg: dict) -> list[str]:
 
 def sync_line(rows: list[dict]) -> str | None:
     """What the per-iteration sync check (`sync_logp_max_abs_diff`) found, or None where it never ran."""
-    gaps = [(r["iteration"], _num(r.get("sync_logp_max_abs_diff"))) for r in rows if r["iteration"] > 0]
+    gaps = [(r["iteration"], num(r.get("sync_logp_max_abs_diff"))) for r in rows if r["iteration"] > 0]
     checked = [(i, g) for i, g in gaps if not math.isnan(g)]
     if not checked:
         return None
@@ -384,41 +295,14 @@ def _examples_table(examples: list[dict]) -> Table:
 
 # ---------------------------------------------------------------- pages
 
-CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#1f2328;margin:0;background:#fff}
-main{max-width:1200px;margin:0 auto;padding:24px 32px 48px}
-h1{font-size:24px;margin:0 0 8px}h2{font-size:18px;margin:32px 0 10px;border-bottom:1px solid #d8dee4;padding-bottom:4px}
-.summary{font-size:16px;line-height:1.6;margin:8px 0 20px;padding:10px 14px;background:#f6f8fa;border-left:4px solid #2f81f7}
-table{border-collapse:collapse;font-size:13px;font-variant-numeric:tabular-nums}
-th,td{border:1px solid #d8dee4;padding:4px 8px;text-align:right;white-space:nowrap}
-th{background:#f6f8fa;font-weight:600}th.l,td.l{text-align:left;white-space:normal}
-tbody tr:nth-child(even){background:#fbfcfd}
-.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(460px,1fr));gap:12px}
-.plots img{width:100%;height:auto;border:1px solid #d8dee4;border-radius:4px}
-.wide{overflow-x:auto;max-width:100%}details{margin-top:32px}summary{cursor:pointer;font-size:16px;font-weight:600}
-.examples td{max-width:340px;overflow-wrap:anywhere}code{font-size:13px}.muted{color:#59636e}
-"""
 
-
-def _page(title: str, body: list[str]) -> str:
-    return "\n".join(
-        [
-            "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-            "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-            f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body><main>",
-            *body,
-            "</main></body></html>",
-        ]
-    )
-
-
-def _run_name(rd: RunDir) -> str:
+def run_name(rd: RunDir) -> str:
     return rd.where.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _summary(cfg: dict) -> list[tuple[str, str]]:
     def g(*keys: str):
-        return _get(cfg, *keys)
+        return config_value(cfg, *keys)
 
     return [
         ("model", str(g("model", "path"))),
@@ -468,7 +352,7 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     rd = open_run(run_dir)
     cfg = rd.read_config() or {}
     rows, samples, changes = rd.read_metrics(), rd.read_samples(), rd.read_config_changes()
-    out = _out_dir(out_dir or rd.root)
+    out = report_dir(out_dir or rd.root)
     try:
         return _write_report(rd, cfg, rows, samples, changes, out)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -479,10 +363,10 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
 
 
 def _write_report(rd: RunDir, cfg: dict, rows: list[dict], samples: list[dict], changes: list[dict], out: Path) -> Path:
-    algorithm = _get(cfg, "algorithm", "name", default="?")
+    algorithm = config_value(cfg, "algorithm", "name", default="?")
     _plots(rows, samples, out / "plots", algorithm)
     write_metrics_csv(rows, out / "metrics.csv")
-    name = _run_name(rd)
+    name = run_name(rd)
     lines = summary_lines(rows, cfg)
     lines += [line] if (line := sync_line(rows)) else []
     short, full = headline_table(rows), full_table(rows)
@@ -536,188 +420,5 @@ def _write_report(rd: RunDir, cfg: dict, rows: list[dict], samples: list[dict], 
         "</div></details>",
     ]
     path = out / "report.html"
-    path.write_text(_page(f"onalign report: {name}", h), encoding="utf-8")
+    path.write_text(page(f"onalign report: {name}", h), encoding="utf-8")
     return path
-
-
-# ---------------------------------------------------------------- several runs
-
-# (metric, panel title): one panel per metric in comparison.png
-COMPARED = [
-    ("eval_reward_mean", "Eval reward (greedy, held-out prompts)"),
-    ("win_rate_vs_initial", "Win rate vs the initial policy"),
-    ("reward_mean", "Rollout reward mean"),
-    ("loss", "Training loss"),
-    ("pair_accuracy", "Pair accuracy"),
-    ("cumulative_generated_tokens", "Generated tokens, cumulative"),
-]
-STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--")]
-
-
-def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    if key == "cumulative_generated_tokens":
-        tr = [r for r in rows if r["iteration"] > 0]
-        cum, total = [], 0.0
-        for r in tr:
-            total += _total([r.get("generated_tokens")])
-            cum.append(total)
-        return [r["iteration"] for r in tr], cum
-    pts = [(r["iteration"], _num(r.get(key))) for r in rows]
-    pts = [(i, v) for i, v in pts if not math.isnan(v)]
-    return [i for i, _ in pts], [v for _, v in pts]
-
-
-def comparison_figure(runs: list[tuple[str, list[dict]]]):
-    """One panel per metric, the runs told apart by colour, marker and line style, one legend of the runs'
-    names above the panels. Returns the matplotlib figure (the caller saves and closes it)."""
-    ncols = 3
-    nrows = math.ceil(len(COMPARED) / ncols)
-    legend_rows = math.ceil(len(runs) / ncols) or 1
-    top = 0.1 + 0.25 * legend_rows  # inches above the panels for the legend
-    height = 3.2 * nrows + top
-    fig, axes = plt.subplots(nrows, ncols, figsize=(13, height), squeeze=False)
-    for ax, (key, title) in zip(axes.flat, COMPARED, strict=False):
-        drawn = False
-        for n, (label, rows) in enumerate(runs):
-            x, y = _series(rows, key)
-            marker, style = STYLES[n % len(STYLES)]
-            if x:
-                # later runs drawn thinner and smaller: a run hidden under another's equal values still shows
-                size, width = max(7.0 - 1.2 * n, 3.0), max(2.2 - 0.4 * n, 1.0)
-                ax.plot(
-                    x, y, marker=marker, linestyle=style, color=f"C{n}", label=label, markersize=size, linewidth=width
-                )
-                drawn = True
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("iteration", fontsize=9)
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        if not drawn:
-            _empty(ax, "no values")
-    for ax in list(axes.flat)[len(COMPARED) :]:
-        ax.set_visible(False)
-    handles = [
-        plt.Line2D([], [], color=f"C{n}", marker=STYLES[n % len(STYLES)][0], linestyle=STYLES[n % len(STYLES)][1])
-        for n in range(len(runs))
-    ]
-    fig.legend(
-        handles,
-        [label for label, _ in runs],
-        loc="upper center",
-        ncol=min(len(runs), ncols) or 1,
-        fontsize=9,
-        frameon=False,
-    )
-    fig.tight_layout(rect=(0, 0, 1, 1 - top / height))
-    return fig
-
-
-def write_comparison(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
-    """Several runs (methods, rho values) on shared axes, one panel per metric, the runs named in the legend."""
-    runs = []
-    for d in run_dirs:  # every run is read (and a missing or damaged one refused) before anything is written
-        rd = open_run(d)
-        cfg = rd.read_config() or {}
-        label = f"{_run_name(rd)} ({_get(cfg, 'algorithm', 'name', default='?')}, "
-        label += f"{_get(cfg, 'selection', 'mode', default='?')} rho={_get(cfg, 'selection', 'rho', default='?')})"
-        runs.append((label, rd.read_metrics()))
-    out = _out_dir(out_dir)
-    fig = comparison_figure(runs)
-    try:
-        fig.savefig(out / "plots" / "comparison.png", dpi=110)
-    finally:
-        plt.close(fig)
-    table = Table(
-        header=["run", "iterations", "start eval reward", "final eval reward", "best (iteration)", "final win rate"]
-        + ["generated tokens", "tokens saved"],
-        rows=[],
-        left=(0,),
-    )
-    for label, rows in runs:
-        last = rows[-1] if rows else {}
-        evals = [(r["iteration"], _num(r.get("eval_reward_mean"))) for r in rows]
-        evals = [e for e in evals if not math.isnan(e[1])]
-        best = max(evals, key=lambda e: e[1]) if evals else None
-        trained = [r for r in rows if r["iteration"] > 0]
-        table.rows.append(
-            [
-                label,
-                str(last.get("iteration", 0)),
-                _cell(evals[0][1] if evals else None, "{:.3f}"),
-                _cell(last.get("eval_reward_mean"), "{:.3f}"),
-                f"{best[1]:.3f} ({best[0]})" if best else "-",
-                _cell(last.get("win_rate_vs_initial"), "{:.2f}"),
-                f"{_total(r.get('generated_tokens') for r in trained):,.0f}",
-                f"{sum(_saved_tokens(r) for r in trained):,.0f}",
-            ]
-        )
-    md = ["# onalign comparison", ""] + table.markdown() + ["", "![comparison](plots/comparison.png)", ""]
-    (out / "comparison.md").write_text("\n".join(md), encoding="utf-8")
-    body = [
-        "<h1>onalign comparison</h1>",
-        "<div class='wide'>",
-        table.html(),
-        "</div>",
-        "<h2>Per iteration</h2>",
-        "<img src='plots/comparison.png' alt='the runs compared, one panel per metric' style='width:100%'>",
-    ]
-    (out / "comparison.html").write_text(_page("onalign comparison", body), encoding="utf-8")
-    return out / "comparison.md"
-
-
-class Reporter:
-    """What the driver calls after each iteration: console row, report rewrite, TensorBoard scalars."""
-
-    def __init__(self, rundir: RunDir, cfg, console) -> None:
-        self.rundir, self.console = rundir, console
-        self.tb = None
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(rundir.root / "tensorboard"))
-        self.wandb = _init_wandb(rundir, cfg, console) if cfg.wandb else None
-
-    def iteration_done(self, row: dict) -> None:
-        self.console.iteration_done(row)
-        scalars = {
-            k: v
-            for k, v in row.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and k not in TIMESTAMPS
-        }
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, row["iteration"])
-            self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=row["iteration"])
-        write_report(self.rundir.root)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _init_wandb(rundir: RunDir, cfg, console):
-    """A W&B run in `OUTPUT_DIR/wandb/`, offline unless WANDB_MODE says otherwise; a resumed run keeps
-    its W&B id (stored in `OUTPUT_DIR/wandb_id`), so `wandb sync` joins the pieces into one run."""
-    try:
-        import wandb
-    except ImportError:
-        console.log("wandb=true but wandb is not installed (pip install wandb); skipping W&B logging")
-        return None
-    id_file = rundir.root / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
-    id_file.write_text(run_id)
-    return wandb.init(
-        dir=str(rundir.root),
-        project=cfg.wandb_project,
-        name=rundir.root.name,
-        id=run_id,
-        resume="allow",
-        mode=os.environ.get("WANDB_MODE", "offline"),
-        config=cfg.model_dump(mode="json"),
-        settings=wandb.Settings(quiet=True),
-    )

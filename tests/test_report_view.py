@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.report import HEADLINE, comparison_figure, summary_lines, write_comparison, write_report
+from pipeline.compare import comparison_figure, write_comparison
+from pipeline.report import summary_lines, write_report
 from pipeline.rundir import RunDir
+from pipeline.tables import HEADLINE
 
-TITLES = [t for t, _, _ in HEADLINE]
+TITLES = [c.title for c in HEADLINE]
 
 
 SLOPE = {"dpo": 0.0, "ipo": -0.006, "wdpo": 0.004, "apo": 0.009}
@@ -227,7 +229,7 @@ def test_summary_lines_on_runs_that_have_not_trained():
 
 
 def test_comparison_of_three_methods_one_panel_per_metric_runs_named_in_the_legend(tmp_path):
-    from pipeline.report import COMPARED
+    from pipeline.compare import COMPARED
 
     runs = [
         make_run(tmp_path, "dpo", "dpo"),
