@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common.config import load_config  # noqa: E402
+from common.config_files import load_config  # noqa: E402
 
 
 def machine() -> str:
@@ -28,11 +28,12 @@ def shared_workers(base_overrides: list[str], base_config: str = "configs/demo-c
     `run(out, overrides, config=base_config) -> (rows, seconds)` function."""
     import ray
 
-    from pipeline.driver import init_ray, prepare, run_with_workers, start_workers
+    from pipeline.driver import init_ray, run_with_workers, start_workers
+    from pipeline.preflight import prepare
 
     cfg0 = load_config(ROOT / base_config, [*base_overrides, "output_dir=/tmp/onalign-bench/_"])
     init_ray(cfg0)
-    from pipeline.driver import resolve_model
+    from pipeline.model_source import resolve_model
 
     workers = start_workers(cfg0, resolve_model(cfg0))
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from benchkit import ROOT, machine, write_section
 
-from common.config import load_config
+from common.config_files import load_config
 
 OUT = Path("/tmp/onalign-bench/versus")
 MODELS = {"tiny": "configs/demo-cpu.yaml", "smollm2": "configs/smollm2-cpu.yaml"}
@@ -60,7 +60,7 @@ def write_task(config: str, overrides: list[str], path: Path) -> dict:
     from transformers import AutoTokenizer
 
     from pipeline.data import load_prompt_sets
-    from pipeline.driver import resolve_model
+    from pipeline.model_source import resolve_model
 
     cfg = load_config(ROOT / config, overrides)
     model = resolve_model(cfg)

@@ -8,8 +8,6 @@ check here runs before any Ray actor starts.
 from __future__ import annotations
 
 import difflib
-import os
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -18,7 +16,6 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -119,7 +116,7 @@ class RolloutConfig(_Section):
     # loop's stages run one after another (Ray would otherwise give the engine num_cpus threads).
     cpu_threads: int | None = Field(None, ge=1)
     # false: vLLM compiles the model (torch.compile; CUDA graphs on GPU): faster decoding for a slower start
-    # (bench/levers.py, CPU bench model: 1.12x tokens/s, engine start-up 4.8 s -> 16.5 s).
+    # (BENCHMARKS.md, "Which levers helped").
     enforce_eager: bool = True
     # The n samples of a prompt share its prompt's KV blocks (vLLM's automatic prefix caching).
     enable_prefix_caching: bool = True
@@ -243,21 +240,19 @@ class TrainConfig(_Section):
     # Reference log-probs of responses that the reference policy itself sampled (reference = previous
     # iterate, samples of this iteration): "rollout" takes the engine's own sampled-token log-probs (no
     # reference forward pass for them); "forward" recomputes every one; "auto" is "rollout" where the two were
-    # verified to agree (~1e-5: fp32 engine and trainer on CPU) and "forward" elsewhere (bf16, GPU kernels).
+    # verified to agree (fp32 engine and trainer on CPU) and "forward" elsewhere (bf16, GPU kernels).
     reference_logps: Literal["auto", "rollout", "forward"] = "auto"
-    # Recompute each decoder layer in the backward pass instead of keeping its activations (SmolLM2, one
-    # rank: peak 6.9x -> 6.2x the fp32 weights for 1.13x the time; bench/memory_profile.py).
+    # Recompute each decoder layer in the backward pass instead of keeping its activations: less memory for
+    # more time (BENCHMARKS.md, "Where the trainer's memory and time go").
     gradient_checkpointing: bool = False
     # Bin-pack each micro-batch's sequences into rows (position ids restarting per sequence, attention kept
-    # inside each by HF's masking): no padding between them (bench/levers.py: 1.15x tokens/s where padding
-    # is 24%). Checked once per run against the padded path; a model that disagrees trains padded, with a
-    # warning.
+    # inside each by HF's masking): no padding between them (BENCHMARKS.md, "Which levers helped"). Checked
+    # once per run against the padded path; a model that disagrees trains padded, with a warning.
     packing: bool = False
-    # CPU trainers: tcmalloc preloaded when installed (SmolLM2's training call 1.25x faster than with glibc's
-    # heap, bench/memory_profile.py). For a run short of memory instead (the memory setting, with
-    # gradient_checkpointing): cpu_preload_tcmalloc false and cpu_mmap_threshold_kib 128, so glibc maps every
-    # block of 128 KiB or more on its own and returns it when freed (peak 8.9x -> 6.8x the fp32 weights, 1.14x
-    # the time). 0 keeps glibc's default.
+    # CPU trainers: tcmalloc preloaded when installed (faster than glibc's heap). For a run short of memory
+    # instead (the memory setting, with gradient_checkpointing): cpu_preload_tcmalloc false and
+    # cpu_mmap_threshold_kib 128, so glibc maps every block of 128 KiB or more on its own and returns it when
+    # freed; 0 keeps glibc's default (BENCHMARKS.md, "Where the trainer's memory and time go").
     cpu_preload_tcmalloc: bool = True
     cpu_mmap_threshold_kib: int = Field(0, ge=0, le=32768)  # glibc caps the threshold at 32 MiB
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
@@ -343,6 +338,18 @@ class RunConfig(_Section):
         verified = self.model.dtype == "float32" and not t.bf16 and self.rollout.num_gpus == 0 and t.num_gpus == 0
         return "rollout" if verified else "forward"
 
+    def sync_backend(self) -> Literal["cpu", "nccl", "ipc"]:
+        """`sync.backend` with `auto` resolved, the one place it is decided: under `placement: colocate`, vLLM's
+        CUDA IPC backend on GPUs (the trainer rank and the engine share the GPU) and the CPU path on CPUs;
+        otherwise NCCL only when both ends have GPUs (trainer rank 0 is an NCCL rank too), else the CPU
+        object-store path."""
+        if self.sync.backend != "auto":
+            return self.sync.backend
+        gpus = self.rollout.num_gpus > 0 and self.train.num_gpus > 0
+        if self.placement == "colocate":
+            return "ipc" if gpus else "cpu"
+        return "nccl" if gpus else "cpu"
+
     def sync_tolerance(self) -> float:
         """The largest per-token log-prob gap between engine and trainers that a working sync leaves:
         `sync.check_tolerance`, else by precision (fp32 both sides: numerics only; bf16 on either: vLLM's and
@@ -426,123 +433,3 @@ class RunConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-# ---------------------------------------------------------------- loading
-
-
-def _field_names(model: type[BaseModel], path: tuple) -> list[str]:
-    """Valid keys at a dotted location of the tree (for suggestions)."""
-    for part in path:
-        field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            break
-        model = field.annotation
-    return list(model.model_fields)
-
-
-# Keys renamed since an earlier release: (section, old) -> new.
-RENAMED = {("algorithm", old): f"wdpo_{old}" for old in ("beta2", "weight_fn", "normalize_weights")}
-
-
-def _format_error(err: dict) -> str:
-    loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc)
-    if err["type"] == "extra_forbidden" and tuple(map(str, loc)) in RENAMED:
-        return f"config key '{key}' was renamed '{loc[0]}.{RENAMED[tuple(map(str, loc))]}'; use the new name"
-    if err["type"] == "extra_forbidden":
-        valid = _field_names(RunConfig, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
-        return f"unknown config key '{key}'. {hint} Valid keys here: {', '.join(valid)}".replace("  ", " ")
-    if err["type"] == "value_error":
-        return str(err["msg"]).removeprefix("Value error, ")
-    return f"config key '{key}': {err['msg']} (got {err.get('input')!r})"
-
-
-def _coerce(text: str) -> Any:
-    """Parse an override value the way YAML would (numbers, bools, null, lists)."""
-    return yaml.safe_load(text) if text != "" else ""
-
-
-def apply_overrides(tree: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value (for example iterations=4)")
-        key, value = item.split("=", 1)
-        try:
-            parsed = _coerce(value)
-        except yaml.YAMLError as e:
-            problem = " ".join(str(getattr(e, "problem", None) or e).split())
-            raise ConfigError(
-                f"override '{item}': the value is not valid YAML ({problem}); check its quotes and brackets, e.g. "
-                "train.resources='{trainer_node: 1}' in a shell"
-            ) from None
-        node = tree
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = parsed
-    return tree
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def read_yaml_tree(path: str | os.PathLike, _seen: tuple = ()) -> dict:
-    """A config file as a dict; `base: other.yaml` (relative to the file) is loaded first and overlaid."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file '{p}' does not exist; see configs/ for examples")
-    if p.resolve() in _seen:
-        raise ConfigError(f"config file '{p}' includes itself through 'base'")
-    try:
-        text = p.read_text(encoding="utf-8")
-        _refuse_repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader), p)
-        tree = yaml.safe_load(text) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config file '{p}' must hold a mapping of keys, got {type(tree).__name__}")
-    base = tree.pop("base", None)
-    if base is not None:
-        tree = _merge(read_yaml_tree(p.parent / base, (*_seen, p.resolve())), tree)
-    return tree
-
-
-def _refuse_repeated_keys(node, path: Path, where: str = "") -> None:
-    """A key given twice in one mapping (YAML keeps the last silently): one line naming it and both lines."""
-    if isinstance(node, yaml.MappingNode):
-        first: dict = {}
-        for key_node, value_node in node.value:
-            key = f"{where}{key_node.value}"
-            line = key_node.start_mark.line + 1
-            if key in first:
-                raise ConfigError(
-                    f"config file '{path}': '{key}' is given twice (lines {first[key]} and {line}); keep one"
-                )
-            first[key] = line
-            _refuse_repeated_keys(value_node, path, f"{key}.")
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _refuse_repeated_keys(item, path, where)
-
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read YAML (or the defaults when `path` is None), apply overrides, validate."""
-    tree = read_yaml_tree(path) if path is not None else {}
-    tree = apply_overrides(tree, overrides or [])
-    return validate_config(tree)
-
-
-def validate_config(tree: dict) -> RunConfig:
-    try:
-        return RunConfig.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError("\n".join(_format_error(err) for err in e.errors())) from None

@@ -1,6 +1,6 @@
 """The versions of the stack onalign is tested with, and the start-up check against what is installed.
 
-The trainer relies on DeepSpeed 0.19's ZeRO internals (`workers/trainer.py`: fp32 masters, the ZeRO-3
+The trainer relies on DeepSpeed 0.19's ZeRO internals (`workers/ds_engine.py`: fp32 masters, the ZeRO-3
 module stack), the engines on vLLM 0.32's weight-transfer API, and engine placement on Ray 2.60 (an actor
 given no GPU keeps CUDA_VISIBLE_DEVICES; older Ray hid the GPUs from a tensor-parallel engine's actor).
 pyproject.toml pins the same ranges (a test keeps the two equal). A run on other versions stops at start-up

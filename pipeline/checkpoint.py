@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.errors import OnalignError
+from common.errors import OnalignError, one_line
 from pipeline.rundir import CHECKPOINT_FORMAT, RunDir, RunDirError
 
 if TYPE_CHECKING:
@@ -82,10 +82,6 @@ def checkpoint_state(fingerprint: dict, initial_eval: list[float], reward_state:
 # ---------------------------------------------------------------- checking a checkpoint on the driver
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def safetensors_problem(path: Path) -> str | None:
     """Why a safetensors file cannot be loaded (truncated, bad header), or None; reads the header only."""
     try:
@@ -95,7 +91,7 @@ def safetensors_problem(path: Path) -> str | None:
             for key in f.keys():
                 f.get_slice(key).get_shape()
     except Exception as e:  # SafetensorError, OSError
-        return f"{path} is damaged or truncated ({_one_line(e)})"
+        return f"{path} is damaged or truncated ({one_line(e)})"
     return None
 
 
@@ -121,7 +117,7 @@ def checkpoint_problem(rundir: RunDir, iteration: int) -> str | None:
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
-        return f"{policy / 'config.json'} cannot be read ({_one_line(e)})"
+        return f"{policy / 'config.json'} cannot be read ({one_line(e)})"
     weights = sorted(policy.glob("*.safetensors"))
     if not weights:
         return f"{policy} has no .safetensors weights"
@@ -130,7 +126,7 @@ def checkpoint_problem(rundir: RunDir, iteration: int) -> str | None:
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            return f"{index} cannot be read ({_one_line(e)})"
+            return f"{index} cannot be read ({one_line(e)})"
         absent = sorted(s for s in shards if not (policy / s).is_file())
         if absent:
             return f"{policy} lacks the weight shard(s) {', '.join(absent)} named in {index.name}"
@@ -206,7 +202,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def compare_configs(saved: dict, cfg: RunConfig) -> tuple[dict, dict]:
     """(refused, allowed): the settings of `cfg` that differ from the run's saved config, key -> (old, new).
     A key the saved config predates is compared with its default (what that run used)."""
-    from common.config import RENAMED, RunConfig
+    from common.config import RunConfig
+    from common.config_files import RENAMED
 
     old = _flat(saved)
     for (section, key), new in RENAMED.items():  # a run saved before a rename: compare under the new name
@@ -247,7 +244,7 @@ def check_resume_config(rundir: RunDir, cfg: RunConfig, log: Callable[[str], Non
 
 
 def resume_point(rundir: RunDir, cfg: RunConfig, fingerprint: dict, log) -> tuple[int, dict | None]:
-    """The checkpoint to resume from (`driver.prepare` plans it; planned here when it did not) and its
+    """The checkpoint to resume from (`preflight.prepare` plans it; planned here when it did not) and its
     checked state, or (0, None) to start over (its rows and checkpoints are cleared)."""
     last = rundir.resume_from
     if last is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.errors import is_user_error
+from common.errors import causes, is_user_error, one_line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             if log:
                 print(f"onalign: details in {log}", file=sys.stderr)
             return 2
-        if any(type(c).__name__ == "GetTimeoutError" for c in _causes(e)):  # a wait at start-up, outside the loop
+        if any(type(c).__name__ == "GetTimeoutError" for c in causes(e)):  # a wait at start-up, outside the loop
             print(
                 "onalign: error: the actors did not answer within call_timeout_s (Ray's GetTimeoutError); starting "
                 "vLLM and DeepSpeed can take minutes on a busy or first-time machine: raise call_timeout_s",
@@ -79,24 +79,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"onalign: details in {log}", file=sys.stderr)
             return 2
         if log:
-            from pipeline.console import failure_line
-
-            print(f"onalign: error: {failure_line(e)}", file=sys.stderr)
+            print(f"onalign: error: {one_line(e)}", file=sys.stderr)
             print(f"onalign: details in {log}", file=sys.stderr)
             return 1
         raise
 
 
-def _causes(e: BaseException | None):
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
-
-
 def _dispatch(args) -> int:
-    from common.config import load_config
+    from common.config_files import load_config
 
     if args.command == "report":
         from pipeline.compare import write_comparison
@@ -109,7 +99,7 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "build-model":
         from pipeline.console import quiet_libraries
-        from pipeline.driver import resolve_model
+        from pipeline.model_source import resolve_model
 
         quiet_libraries()
 
@@ -132,8 +122,8 @@ def _dispatch(args) -> int:
 
         import ray
 
-        from pipeline.driver import check_run
         from pipeline.placement import cluster_nodes, dry_run
+        from pipeline.preflight import check_run
 
         prep = check_run(cfg)  # every check a run makes before its actors start; writes nothing
         resume = f", resuming after iteration {prep.rundir.resume_from}" if prep.rundir.resume_from else ""

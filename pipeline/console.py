@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.errors import is_user_error
+from common.errors import ANSI, causes, is_user_error
 from pipeline.tables import HEADLINE, headline_cells
 
 
@@ -190,10 +190,10 @@ class ActorLogs:
     def log_of(self, error: BaseException) -> Path | None:
         """The log of the actor a failure came from: its chain of causes holds a Ray error that names the
         actor (by id, or by process for a task error; the error Ray raises keeps these in its text only)."""
-        for e in _chain(error):
+        for e in causes(error):
             if not type(e).__module__.startswith("ray"):
                 continue
-            text = _ANSI.sub("", str(e))
+            text = ANSI.sub("", str(e))
             ids = [e.__dict__.get("actor_id"), *re.findall(r"actor_id[=:]\s*([0-9a-f]+)", text)]
             for actor_id in ids:
                 if actor_id in self.by_actor:
@@ -229,33 +229,9 @@ class ActorLogs:
             raise
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _chain(error: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
-
-
 def _from_actor_or_bug(error: BaseException) -> bool:
     """A failure whose details are not all in its message: one that came from an actor (a Ray error in its
     chain), or one that is not a user mistake (a bug: its traceback)."""
-    if any(type(e).__module__.startswith("ray") for e in _chain(error)):
+    if any(type(e).__module__.startswith("ray") for e in causes(error)):
         return True
     return not is_user_error(error)
-
-
-def failure_line(error: BaseException) -> str:
-    """One line for a failure: for an actor's task error its cause, for an actor's death its first line."""
-    cause = error.__dict__.get("cause")
-    if type(error).__name__.startswith("RayTaskError") and isinstance(cause, BaseException):
-        task = re.search(r"ray::([\w.]+)\(", _ANSI.sub("", str(error)))
-        where = task.group(1) if task else "an actor task"
-        text = str(cause).strip().splitlines()
-        return f"{where} failed: {type(cause).__name__}: {text[0] if text else ''}".rstrip(": ")
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.config import DataConfig
-from common.errors import DataError
+from common.errors import DataError, one_line
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 CHAT_ALIASES = ("messages", "conversations")
@@ -81,7 +81,7 @@ def open_dataset(source: str, cfg: DataConfig, key: str = "data.train"):
     except DataError:
         raise
     except Exception as e:  # parser errors from datasets/pyarrow: keep the file name in front
-        raise DataError(f"{source}: could not be read as a dataset ({_root_cause(e)})") from None
+        raise DataError(f"{source}: could not be read as a dataset ({one_line(e, innermost=True)})") from None
 
 
 def _check_hub_dataset(name: str, key: str) -> None:
@@ -128,16 +128,6 @@ def _split_of(dd, cfg: DataConfig, path: Path):
         f"{path}: a saved DatasetDict with splits {sorted(dd)}, but no split '{cfg.split}'; set data.split to one "
         "of them"
     )
-
-
-def _root_cause(e: BaseException) -> str:
-    """The innermost cause's message: `datasets` wraps parser errors in 'An error occurred while generating
-    the dataset', which says nothing."""
-    seen = set()
-    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
 
 def _parse_problem(path: Path, fmt: str) -> str | None:

@@ -26,7 +26,7 @@ from pipeline.progress import ProgressView
 from pipeline.rundir import RunDir
 from workers.actor_group import TrainerGroup
 from workers.batches import steps_per_rank
-from workers.weight_sync import init_sync, resolve_backend, sync_weights
+from workers.weight_sync import init_sync, sync_weights
 
 # a write that failed for want of space (a full disk, a quota, a file-size limit)
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -71,7 +71,7 @@ class Loop:
         self.rundir, self.reward, self.reporter = rundir, reward_actor, reporter
         self.method = get_method(cfg.algorithm.name)
         self.initial_eval: list[float] = []
-        self.sync_backend = resolve_backend(cfg)
+        self.sync_backend = cfg.sync_backend()
         self.colocated = cfg.placement == "colocate"
         self.view = ProgressView(reporter.console, enabled=reporter.console.rich)  # bars on a terminal only
         self.placement = placement or {}

@@ -46,8 +46,6 @@ def _whole(share: float) -> bool:
 
 def check(cfg: RunConfig) -> None:
     """Refuse GPU settings that can never run, whatever the cluster (raises PlanError naming each one)."""
-    from workers.weight_sync import resolve_backend
-
     r, t = cfg.rollout, cfg.train
     problems = []
     tp = r.tensor_parallel_size
@@ -65,7 +63,7 @@ def check(cfg: RunConfig) -> None:
             f"train.num_gpus={t.num_gpus:g} with train.num_workers={t.num_workers}: Ray may put two of DeepSpeed's "
             "NCCL ranks on one GPU, which NCCL refuses; give each rank a whole GPU (train.num_gpus=1)"
         )
-    backend = resolve_backend(cfg)
+    backend = cfg.sync_backend()
     if backend == "ipc" and not colocated:
         problems.append(
             "sync.backend=ipc hands CUDA IPC handles from a trainer rank to the engine on its own GPU: it needs "

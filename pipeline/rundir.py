@@ -43,7 +43,7 @@ class RunDir:
             self.url = str(root).rstrip("/")
             root = cache_root() / "staging" / hashlib.sha256(self.url.encode()).hexdigest()[:16]
         self.root = Path(root)
-        # Set by `driver.prepare` on resume: the checkpoint iteration to load, 0 to start the run over.
+        # Set by `preflight.prepare` on resume: the checkpoint iteration to load, 0 to start the run over.
         self.resume_from: int | None = None
 
     @property

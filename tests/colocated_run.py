@@ -10,8 +10,9 @@ import sys
 if __name__ == "__main__":
     import ray
 
-    from common.config import load_config
-    from pipeline.driver import init_ray, prepare, run_with_workers, start_workers
+    from common.config_files import load_config
+    from pipeline.driver import init_ray, run_with_workers, start_workers
+    from pipeline.preflight import prepare
 
     out, *overrides = sys.argv[1:]
     cfg = load_config(

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from common.config import load_config  # noqa: E402
+from common.config_files import load_config  # noqa: E402
 
 TEST_OVERRIDES = [
     "data.num_train_prompts=48",
@@ -95,7 +95,8 @@ def workers(ray_cluster, model_path, tmp_path_factory):
 @pytest.fixture
 def run_tiny(workers, tmp_path):
     """Run the tiny demo config with overrides on the shared actors; returns (rows, run_dir)."""
-    from pipeline.driver import prepare, run_with_workers
+    from pipeline.driver import run_with_workers
+    from pipeline.preflight import prepare
 
     def _run(*overrides: str, out=None):
         cfg = make_cfg(out or tmp_path, *overrides)

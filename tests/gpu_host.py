@@ -43,7 +43,7 @@ if __name__ == "__main__":
     pretend_gpu_host()
     import ray
 
-    from common.config import load_config
+    from common.config_files import load_config
     from pipeline.driver import run
 
     out, *overrides = sys.argv[1:]

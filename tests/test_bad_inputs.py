@@ -151,7 +151,7 @@ def files(tmp_path_factory, model_path) -> dict[str, str]:
     fingerprint |= {"data": "builtin:reverse", "seed": 0}
     state = {"format": 1, "iteration": 1, "fingerprint": fingerprint, "initial_eval_rewards": [], "reward_state": {}}
     (ckpt / "state.json").write_text(json.dumps(state))
-    from common.config import load_config
+    from common.config_files import load_config
 
     saved = load_config(DEMO, [*SMALL, f"output_dir={run}", "algorithm.beta=0.5"])
     (run / "config.yaml").write_text(saved.to_yaml())

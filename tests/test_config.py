@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, load_config
+from common.config import ConfigError
+from common.config_files import load_config
 
 
 def test_demo_config_loads_with_overrides():

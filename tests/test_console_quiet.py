@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.console import ActorLogs, failure_line
+from common.errors import one_line
+from pipeline.console import ActorLogs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +135,7 @@ def test_an_actor_task_error_names_the_actors_log(echo, tmp_path):
             ray.get(echo.fail.remote())
     log = tmp_path / "logs" / "rollout-0.log"
     assert info.value.onalign_log == str(log)
-    assert failure_line(info.value) == "Echo.fail failed: ValueError: boom: the engine ran out of KV cache"
+    assert one_line(info.value) == "Echo.fail failed: ValueError: boom: the engine ran out of KV cache"
     text = wait_for(log, "ValueError")
     assert "echo: about to fail" in text and "Traceback" in text and "ValueError: boom" in text
 
@@ -212,7 +213,7 @@ def test_ray_streams_the_actors_output_only_when_verbose(monkeypatch, flags, str
 
 def test_verbose_may_change_on_resume(tmp_path):
     """Where the actors' output goes changes nothing the run computes: `--resume --verbose` is allowed."""
-    from common.config import load_config
+    from common.config_files import load_config
     from pipeline.checkpoint import compare_configs
 
     saved = load_config("configs/demo-cpu.yaml", [f"output_dir={tmp_path}"]).model_dump(mode="json")

@@ -59,7 +59,8 @@ def terminal_run(workers, tiny_cfg, tmp_path_factory):
     from rich.console import Console as RichConsole
 
     from pipeline.console import Console
-    from pipeline.driver import prepare, run_with_workers
+    from pipeline.driver import run_with_workers
+    from pipeline.preflight import prepare
 
     out = tmp_path_factory.mktemp("terminal")
     screen = io.StringIO()

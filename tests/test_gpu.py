@@ -42,8 +42,9 @@ def gpu_run(tmp_path_factory):
     import ray
     import torch
 
-    from common.config import load_config
-    from pipeline.driver import init_ray, prepare, run_with_workers, start_workers
+    from common.config_files import load_config
+    from pipeline.driver import init_ray, run_with_workers, start_workers
+    from pipeline.preflight import prepare
 
     num_gpus = torch.cuda.device_count()
     if num_gpus < 2:

@@ -13,8 +13,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from workers.weight_sync import resolve_backend
-
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
@@ -227,7 +225,7 @@ def test_auto_sync_backend_needs_gpus_on_both_sides():
         cfg = RunConfig.model_validate(
             {"rollout": {"num_gpus": engine_gpus}, "train": {"num_gpus": trainer_gpus}, "sync": {"backend": sync}}
         )
-        return resolve_backend(cfg)
+        return cfg.sync_backend()
 
     assert backend(1, 1) == "nccl"
     assert backend(1, 0) == "cpu"  # NCCL needs CUDA on rank 0 too

@@ -37,7 +37,7 @@ def hub_cache(tmp_path, monkeypatch):
 
 
 def test_a_cached_hub_model_reaches_the_actors_as_its_directory(hub_cache, model_path, tiny_cfg, tmp_path):
-    from pipeline.driver import prepare
+    from pipeline.preflight import prepare
 
     snap = put_in_cache(hub_cache, REPO, model_path)
     prep = prepare(tiny_cfg(tmp_path / "out", f"model.path={REPO}"))
@@ -51,7 +51,8 @@ def test_an_uncached_hub_model_is_downloaded_once_on_the_driver(hub_cache, model
     cache as `snapshot_download` would (this machine has no network)."""
     import huggingface_hub
 
-    import pipeline.driver as driver
+    import pipeline.model_source as model_source
+    import pipeline.preflight as preflight
 
     real_snapshot_download = huggingface_hub.snapshot_download
     calls = []
@@ -63,8 +64,8 @@ def test_an_uncached_hub_model_is_downloaded_once_on_the_driver(hub_cache, model
         return str(put_in_cache(hub_cache, repo_id, model_path))
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_hub_download)
-    monkeypatch.setattr(driver, "_check_hub_model", lambda name, key: None)  # "the Hub has it"
-    prep = driver.prepare(tiny_cfg(tmp_path / "out", f"model.path={REPO}"))
+    monkeypatch.setattr(model_source, "_check_hub_model", lambda name, key: None)  # "the Hub has it"
+    prep = preflight.prepare(tiny_cfg(tmp_path / "out", f"model.path={REPO}"))
     assert Path(prep.model_path).is_dir() and len(calls) == 1
     repo, patterns, kwargs = calls[0]
     assert repo == REPO and "*.safetensors" in patterns and not any(p.endswith(".bin") for p in patterns)
@@ -74,13 +75,14 @@ def test_dry_run_downloads_nothing(hub_cache, model_path, tiny_cfg, tmp_path, mo
     """--dry-run checks the Hub name (and reads the tokenizer) but downloads no weights."""
     import huggingface_hub
 
-    import pipeline.driver as driver
+    import pipeline.model_source as model_source
+    import pipeline.preflight as preflight
 
-    real_load_tokenizer = driver.load_tokenizer
+    real_load_tokenizer = preflight.load_tokenizer
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("dry run downloaded"))
-    monkeypatch.setattr(driver, "_check_hub_model", lambda name, key: None)
-    monkeypatch.setattr(driver, "load_tokenizer", lambda path, key, trc=False: real_load_tokenizer(model_path, key))
-    prep = driver.check_run(tiny_cfg(tmp_path / "out", f"model.path={REPO}"))
+    monkeypatch.setattr(model_source, "_check_hub_model", lambda name, key: None)
+    monkeypatch.setattr(preflight, "load_tokenizer", lambda path, key, trc=False: real_load_tokenizer(model_path, key))
+    prep = preflight.check_run(tiny_cfg(tmp_path / "out", f"model.path={REPO}"))
     assert prep.model_path == REPO
 
 

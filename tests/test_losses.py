@@ -130,7 +130,8 @@ def test_no_nan_on_empty_truncated_and_equal_responses(name):
 
 
 def test_registry_is_what_the_config_accepts():
-    from common.config import ConfigError, load_config
+    from common.config import ConfigError
+    from common.config_files import load_config
 
     for name in METHODS:
         n = "1" if get_method(name).max_samples == 1 else "4"

@@ -15,7 +15,8 @@ COVERED = {"dpo", "ipo", "apo"}
 
 @pytest.fixture
 def run_preset(workers, tmp_path, tiny_cfg):
-    from pipeline.driver import prepare, run_with_workers
+    from pipeline.driver import run_with_workers
+    from pipeline.preflight import prepare
 
     def _run(preset: str, *overrides: str, sub: str = "run"):
         cfg = tiny_cfg(tmp_path / sub, *overrides, config=f"configs/{preset}")

@@ -195,7 +195,8 @@ def test_apo_step_keeps_tied_embeddings_tied_and_counts_them_once():
 
 
 def test_apo_and_spin_refuse_a_fixed_initial_reference():
-    from common.config import ConfigError, load_config
+    from common.config import ConfigError
+    from common.config_files import load_config
 
     for name, n in (("apo", 4), ("spin", 1)):
         with pytest.raises(
@@ -235,7 +236,8 @@ def test_spin_with_optune_reuse_trains_a_reused_pair_once(tiny):
 
 
 def test_reference_free_methods_refuse_a_reference_setting():
-    from common.config import ConfigError, load_config
+    from common.config import ConfigError
+    from common.config_files import load_config
 
     for name in ("slic", "rrhf"):
         with pytest.raises(ConfigError, match=f"{name} uses no reference model"):

@@ -18,7 +18,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def optune_run(workers, tiny_cfg, tmp_path_factory):
-    from pipeline.driver import prepare, run_with_workers
+    from pipeline.driver import run_with_workers
+    from pipeline.preflight import prepare
 
     out = tmp_path_factory.mktemp("optune")
     cfg = tiny_cfg(out, "iterations=3", config="configs/cpu-wdpo.yaml")

@@ -43,7 +43,7 @@ def test_tiny_models_target_is_unchanged(model_path):
 
 
 def test_default_max_prompt_length_is_what_the_context_leaves():
-    from common.config import load_config
+    from common.config_files import load_config
 
     cfg = load_config(None, ["rollout.max_model_len=512", "rollout.max_new_tokens=64"])
     assert cfg.data.max_prompt_length == 448

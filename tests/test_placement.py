@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from common.config import load_config
+from common.config_files import load_config
 from pipeline.placement import PlanError, dry_run, fit
 
 
@@ -120,10 +120,8 @@ ONE_GPU = "configs/gpu-1x-smollm2.yaml"
 def test_one_gpu_preset_colocates_and_fits_one_gpu():
     """The engine and the trainer rank share the GPU (Ray fractional GPUs, one bundle); the weights go through
     vLLM's CUDA IPC backend; a second GPU is not needed."""
-    from workers.weight_sync import resolve_backend
-
     cfg = load_config(ONE_GPU)
-    assert cfg.placement == "colocate" and resolve_backend(cfg) == "ipc"
+    assert cfg.placement == "colocate" and cfg.sync_backend() == "ipc"
     placed = dict(fit(cfg, [{"CPU": 8, "GPU": 1}]))
     assert placed == {"bundle 0: trainer rank 0 + rollout engine 0": 0, "reward actor": 0}
     text = dry_run(cfg, [{"CPU": 8, "GPU": 1}], params=134_515_008)
@@ -150,10 +148,8 @@ def test_colocation_refusals(overrides, message):
 def test_colocation_on_cpu_is_allowed_and_uses_the_cpu_sync():
     """On CPU, vLLM's sleep is a no-op, so a colocated CPU run exercises the schedule (sleep, train, wake,
     update) without freeing memory: the CPU tests run it for real."""
-    from workers.weight_sync import resolve_backend
-
     cfg = load_config("configs/demo-cpu.yaml", ["placement=colocate", "train.num_workers=1"])
-    assert resolve_backend(cfg) == "cpu"
+    assert cfg.sync_backend() == "cpu"
     assert dict(fit(cfg, [{"CPU": 2}])) == {"bundle 0: trainer rank 0 + rollout engine 0": 0, "reward actor": 0}
     with pytest.raises(PlanError, match="sync.backend=ipc needs GPUs"):
         dry_run(load_config("configs/demo-cpu.yaml", ["placement=colocate", "train.num_workers=1", "sync.backend=ipc"]))

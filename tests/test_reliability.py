@@ -14,8 +14,9 @@ import pytest
 from same_metrics import assert_same_metrics
 
 from pipeline.checkpoint import ResumeError
-from pipeline.driver import prepare, run_with_workers
+from pipeline.driver import run_with_workers
 from pipeline.loop import PipelineError
+from pipeline.preflight import prepare
 from pipeline.rundir import RunDirError
 
 FAULTY = """
@@ -291,7 +292,7 @@ def test_a_reward_that_always_fails_is_refused_before_any_actor(tiny_cfg, tmp_pa
     import time
 
     from common.errors import RewardError
-    from pipeline.driver import check_run
+    from pipeline.preflight import check_run
 
     t = time.monotonic()
     with pytest.raises(RewardError, match=message):
@@ -304,7 +305,7 @@ def test_a_remote_reward_answering_malformed_json_gets_a_fitting_hint(tiny_cfg, 
     from reward_server import start_reward_server
 
     from common.errors import RewardError
-    from pipeline.driver import check_run
+    from pipeline.preflight import check_run
 
     url, server = start_reward_server(lambda body: b"<html>502 Bad Gateway</html>")
     try:

@@ -79,7 +79,7 @@ def metrics_rows(iterations: int, algorithm: str, saved: float) -> list[dict]:
 
 
 def make_run(root: Path, name: str, algorithm: str = "dpo", iterations: int = 6, rho: float = 1.0) -> Path:
-    from common.config import load_config
+    from common.config_files import load_config
 
     out = root / name
     overrides = [f"output_dir={out}", f"iterations={iterations}", f"algorithm.name={algorithm}"]

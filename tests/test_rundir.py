@@ -15,8 +15,8 @@ import pytest
 
 from pipeline.checkpoint import ResumeError, fingerprint_of
 from pipeline.cli import main
-from pipeline.driver import prepare
 from pipeline.loop import Loop
+from pipeline.preflight import prepare
 from pipeline.rundir import RunDir, RunDirError
 
 

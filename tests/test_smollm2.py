@@ -95,8 +95,8 @@ def smol():
     """(model dir, tokenizer, config) of the converted SmolLM2-135M-Instruct."""
     from transformers import AutoTokenizer
 
-    from common.config import load_config
-    from pipeline.driver import resolve_model
+    from common.config_files import load_config
+    from pipeline.model_source import resolve_model
 
     cfg = load_config(CONFIG)
     try:

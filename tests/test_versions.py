@@ -53,7 +53,7 @@ def test_a_missing_package_is_named(monkeypatch):
 
 
 def test_the_driver_checks_before_anything_starts(monkeypatch, tiny_cfg, tmp_path):
-    from pipeline.driver import check_run
+    from pipeline.preflight import check_run
 
     monkeypatch.setattr("common.versions.installed_version", lambda name: "0.1")
     with pytest.raises(VersionError, match="installed versions onalign is not tested with"):

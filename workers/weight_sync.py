@@ -17,20 +17,8 @@ from __future__ import annotations
 
 import ray
 
-from common.config import RunConfig, SyncConfig
+from common.config import SyncConfig
 from workers.actor_group import TrainerGroup
-
-
-def resolve_backend(cfg: RunConfig) -> str:
-    """`sync.backend` with `auto` resolved: under `placement: colocate`, vLLM's CUDA IPC backend on GPUs (the
-    trainer rank and the engine share the GPU) and the CPU path on CPUs; otherwise NCCL only when both ends
-    have GPUs (trainer rank 0 is an NCCL rank too), else the CPU object-store path."""
-    r, t = cfg.rollout, cfg.train
-    if cfg.sync.backend != "auto":
-        return cfg.sync.backend
-    if cfg.placement == "colocate":
-        return "ipc" if r.num_gpus > 0 and t.num_gpus > 0 else "cpu"
-    return "nccl" if r.num_gpus > 0 and t.num_gpus > 0 else "cpu"
 
 
 def init_sync(trainers: TrainerGroup, engines: list, backend: str, engine_workers: int, dtype: str) -> list:
