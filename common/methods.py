@@ -1,9 +1,10 @@
 """The one registry of alignment methods: what each trains on and how, in a torch-free module.
 
-An entry carries the name of its loss (a function in `workers.losses.LOSSES`), the name of the function
-that builds its training group from one prompt's scored samples (`rewards.pairs.GROUP_BUILDERS`), and the
-traits that the config, the reward actor and the trainer read. Adding a method is one
-`register(Method(...))` here (plus a loss function, or a group builder, when it needs a new one). What
+An entry carries the name of its loss (registered where it is defined, `workers.losses.register_loss`), the
+name of the function that builds its training group from one prompt's scored samples
+(`rewards.pairs.register_group_builder`), and the traits that the config, the reward actor and the trainer
+read. Adding a method is one `register(Method(...))` here (plus a registered loss, or group builder, when it
+needs a new one; a test checks that every name resolves). What
 each method trains on follows its paper (cited on each loss in `workers.losses`); README's table sums it up.
 """
 
@@ -12,14 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-GroupKind = Literal["best_worst", "ranked_list", "ground_truth"]  # keys of rewards.pairs.GROUP_BUILDERS
-
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    loss: str  # key of workers.losses.LOSSES
-    pairs: GroupKind  # how one prompt's samples become its training group (rewards.pairs)
+    loss: str  # a loss's registered name (workers.losses)
+    pairs: str  # a group builder's registered name (rewards.pairs): how one prompt's samples become its group
     summary: str
     min_samples: int = 2  # rollout.n_samples needed per prompt
     max_samples: int | None = None

@@ -10,7 +10,8 @@ import torch
 
 from common.config import AlgorithmConfig
 from common.methods import METHODS, get_method
-from workers.losses import LOSSES, LossInputs, dpo_loss, ipo_loss, rrhf_loss, slic_loss, wdpo_loss
+from rewards.pairs import GROUP_BUILDERS, register_group_builder
+from workers.losses import LOSSES, LossInputs, dpo_loss, ipo_loss, register_loss, rrhf_loss, slic_loss, wdpo_loss
 
 LOGPS = torch.tensor([[-3.0, -5.0], [-4.0, -2.0]])
 REF = torch.tensor([[-3.5, -4.5], [-4.0, -3.0]])
@@ -137,7 +138,17 @@ def test_registry_is_what_the_config_accepts():
         n = "1" if get_method(name).max_samples == 1 else "4"
         assert load_config(None, [f"algorithm.name={name}", f"rollout.n_samples={n}"]).algorithm.name == name
         assert get_method(name).loss in LOSSES
+        assert get_method(name).pairs in GROUP_BUILDERS
     with pytest.raises(ConfigError, match="'ppo' is not a registered method.*dpo, ipo"):
         load_config(None, ["algorithm.name=ppo"])
     with pytest.raises(ValueError, match="unknown algorithm.name 'ppo'"):
         get_method("ppo")
+
+
+def test_a_name_registers_once():
+    """A loss or a group builder registered twice under one name would silently replace the first."""
+    with pytest.raises(ValueError, match="loss 'dpo' is already registered"):
+        register_loss("dpo")(dpo_loss)
+    with pytest.raises(ValueError, match="group builder 'best_worst' is already registered"):
+        register_group_builder("best_worst")(GROUP_BUILDERS["best_worst"])
+    assert LOSSES["dpo"] is dpo_loss

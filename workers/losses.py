@@ -1,4 +1,5 @@
-"""Preference losses, by name in `LOSSES` (each method in `common.methods` names the one it trains with).
+"""Preference losses, each registered under its name in `LOSSES` where it is defined (`register_loss`); each
+method in `common.methods` names the one it trains with.
 
 Every loss is a pure function of summed response log-probs (see `workers.logprobs`), so it can be
 checked on fixed tensors. Inputs are `[B, K]` tensors with the K responses of a prompt ranked best
@@ -34,6 +35,21 @@ class LossInputs:
 LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
 LossFn = Callable[[LossInputs, AlgorithmConfig], LossOutput]
 
+# Loss name (common.methods.Method.loss) -> function, filled by `register_loss`.
+LOSSES: dict[str, LossFn] = {}
+
+
+def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+    """Decorator: register a loss under `name` (the name a `common.methods.Method` gives as its `loss`)."""
+
+    def add(fn: LossFn) -> LossFn:
+        if name in LOSSES:
+            raise ValueError(f"loss '{name}' is already registered")
+        LOSSES[name] = fn
+        return fn
+
+    return add
+
 
 def _per_token(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Length-normalised log-prob; an empty response counts as length 1 (its log-prob is 0)."""
@@ -55,6 +71,7 @@ def _pair_stats(score: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"pair_accuracy": (score > 0).float().detach(), "margin": score.detach()}
 
 
+@register_loss("dpo")
 def dpo_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     """DPO (Rafailov et al. 2023, arXiv 2305.18290), with optional cDPO label smoothing eps:
 
@@ -69,6 +86,7 @@ def dpo_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     return loss + cfg.nll_coef * _chosen_nll(inp), _pair_stats(h)
 
 
+@register_loss("ipo")
 def ipo_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     """IPO (Azar et al. 2023, arXiv 2310.12036), length-normalised as agreed with the authors:
 
@@ -83,6 +101,7 @@ def ipo_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     return loss + cfg.nll_coef * _chosen_nll(inp), _pair_stats(h_bar)
 
 
+@register_loss("slic")
 def slic_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     """SLiC-HF (Zhao et al. 2023, arXiv 2305.10425), rank calibration plus SFT regulariser:
 
@@ -96,6 +115,7 @@ def slic_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     return loss + cfg.nll_coef * _chosen_nll(inp), _pair_stats(diff)
 
 
+@register_loss("rrhf")
 def rrhf_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     """RRHF (Yuan et al. 2023, arXiv 2304.05302) over K ranked responses:
 
@@ -134,6 +154,7 @@ def wdpo_weights(reward_gap: torch.Tensor, cfg: AlgorithmConfig) -> torch.Tensor
     return w
 
 
+@register_loss("wdpo")
 def wdpo_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     """Weighted DPO of OPTune (Chen et al. 2024, arXiv 2406.07657):
 
@@ -147,13 +168,3 @@ def wdpo_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     w = inp.weights if inp.weights is not None else wdpo_weights(inp.rewards[:, 0] - inp.rewards[:, 1], cfg)
     stats["pair_weight"] = w
     return w * loss, stats
-
-
-# Loss name (common.methods.Method.loss) -> function. The registry of methods is common.methods.
-LOSSES: dict[str, LossFn] = {
-    "dpo": dpo_loss,
-    "ipo": ipo_loss,
-    "slic": slic_loss,
-    "rrhf": rrhf_loss,
-    "wdpo": wdpo_loss,
-}
