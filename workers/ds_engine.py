@@ -13,7 +13,7 @@ from workers.weights import StateDict
 
 # ZeRO's gradient-reduction and all-gather buckets on CPU ranks, in elements (DeepSpeed's default, 5e8, is a
 # 2 GB fp32 buffer allocated at every backward: tcmalloc keeps such a freed span and later allocations
-# touch it piece by piece, so a 2-rank group on the 13M model peaked at 2.4 GB a rank).
+# touch it piece by piece, so a 2-rank group's peak held one such buffer per rank).
 CPU_BUCKET_ELEMENTS = 50_000_000
 
 

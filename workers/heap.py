@@ -1,13 +1,12 @@
 """The memory allocator of CPU actors (PyTorch's CPU tensors come from plain malloc).
 
 tcmalloc, preloaded into a CPU process, serves the many tensors a forward, backward and step allocate
-and free much faster than glibc (bench/memory_profile.py, SmolLM2: a training call 94.9 s with glibc's
-heap, 75.9 s with tcmalloc) and is what vLLM's CPU backend asks for. glibc, for its part, serves blocks
+and free much faster than glibc, and is what vLLM's CPU backend asks for. glibc, for its part, serves blocks
 below its mmap threshold from a heap it keeps when they are freed (raising that threshold up to 32 MiB
 each time a large block is freed), so a trainer's tensors fragment it; a fixed threshold of 128 KiB maps
-every larger block on its own and returns it when freed: SmolLM2's peak 8.9x -> 6.8x the fp32 weights,
-at 1.14x the time (page faults on every fresh block). So tcmalloc by default, and the threshold as the
-setting for a run short of memory.
+every larger block on its own and returns it when freed: a lower peak for more time (page faults on every
+fresh block). So tcmalloc by default, and the threshold as the setting for a run short of memory
+(BENCHMARKS.md, "Where the trainer's memory and time go", has both measured).
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ def engine_env(rc: RolloutConfig) -> dict[str, str]:
     LD_PRELOAD when it is
     installed (vLLM's CPU backend warns at every start without it; a preload must be in the environment the
     process starts with, hence here). Intel OpenMP, which vLLM also suggests, is left out: bench/levers.py
-    measured no consistent gain from it (1.03x in one run, 0.6-0.75x in runs beside other jobs), and it
-    puts a second OpenMP runtime beside torch's in the process."""
+    measured no consistent gain from it (docs/perf-history.md), and it puts a second OpenMP runtime beside
+    torch's in the process."""
     env = ENGINE_ENV | hidden_gpus_env(rc.num_gpus)
     if rc.num_gpus == 0 and rc.cpu_preload_tcmalloc:
         env.update(tcmalloc_preload())
