@@ -46,7 +46,7 @@ test-all: setup lint
 	$(VENV)/bin/pytest -q --durations=25 tests
 
 test-fast: setup
-	$(VENV)/bin/pytest -q -m "not slow" tests
+	$(VENV)/bin/pytest -q tests/unit
 
 bench: setup
 	$(PY) bench/run_all.py

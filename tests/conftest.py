@@ -43,6 +43,34 @@ def tiny_cfg():
     return make_cfg
 
 
+def gpu_settings(out: str, num_gpus: int) -> list[str]:
+    """The run's settings on a machine with `num_gpus` GPUs: whole GPUs, one engine, 1-2 trainer ranks."""
+    return [
+        f"output_dir={out}",
+        "iterations=2",
+        "model.tiny_hidden_size=1024",
+        "model.tiny_layers=24",
+        "model.sft_steps=0",
+        "model.dtype=bfloat16",
+        "rollout.num_gpus=1",
+        f"train.num_workers={max(1, min(2, num_gpus - 1))}",
+        "train.num_gpus=1",
+        "train.bf16=true",
+        "train.zero_stage=3",
+        "sync.backend=nccl",
+        "data.num_train_prompts=64",
+        "data.num_eval_prompts=16",
+        "rollout.gpu_memory_utilization=0.5",
+        "quiet=true",
+    ]
+
+
+@pytest.fixture(scope="session")
+def gpu_overrides():
+    """`gpu_overrides(out, num_gpus)`: the GPU tests' settings (`gpu_settings`)."""
+    return gpu_settings
+
+
 @pytest.fixture(scope="session")
 def model_path() -> str:
     from pipeline.tiny_model import tiny_model_path
@@ -64,6 +92,47 @@ def simulated_gpu_host():
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
         pretend_gpu_host()
     yield
+
+
+@pytest.fixture(scope="session")
+def rm_path() -> str:
+    """The built-in tiny reward model (`builtin:tiny-rm`), built once and cached."""
+    from pipeline.tiny_reward_model import tiny_reward_model_path
+
+    return str(tiny_reward_model_path())
+
+
+# A reward module whose functions fail in each way a reward can; `switch` follows the .mode file beside it.
+FAULTY = """
+import math
+import pathlib
+
+from rewards.functions import reverse_reward
+
+def switch(prompts, responses, references):
+    # The function named in the .mode file beside this one (a resume must keep reward.function unchanged).
+    mode = pathlib.Path(__file__).with_suffix(".mode")
+    name = mode.read_text().strip() if mode.exists() else "reverse_reward"
+    return globals()[name](prompts, responses, references)
+def boom(prompts, responses, references):
+    raise RuntimeError("reward server unreachable")
+def nan(prompts, responses, references):
+    return [float("nan") if i == 3 else 0.5 for i in range(len(responses))]
+def inf(prompts, responses, references):
+    return [math.inf] * len(responses)
+def short(prompts, responses, references):
+    return [0.0]
+def tied(prompts, responses, references):
+    return [1.0] * len(responses)
+"""
+
+
+@pytest.fixture(scope="session")
+def faulty(tmp_path_factory) -> str:
+    """A reward module whose functions fail in each way a reward can (`reward.function=FILE:NAME`)."""
+    path = tmp_path_factory.mktemp("rewards") / "faulty.py"
+    path.write_text(FAULTY)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

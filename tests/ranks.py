@@ -10,7 +10,9 @@ def spawn_ranks(
     fn: Callable, args: Callable[[int], tuple], nprocs: int, port: int | None = None, tries: int = 3
 ) -> None:
     """Run `fn(rank, *args(port))` in `nprocs` spawned processes on a port that was free when chosen (`port`:
-    the first one to try); when rank 0 finds it taken (EADDRINUSE), all start again on a fresh port."""
+    the first one to try); when rank 0 finds it taken (EADDRINUSE), all start again on a fresh port. A spawned
+    process imports `fn` by its module's name (`e2e.test_...`): tests/, on this process's path under pytest,
+    is on theirs too."""
     import torch.multiprocessing as mp
 
     from common.ports import free_port
