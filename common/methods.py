@@ -1,8 +1,8 @@
 """The one registry of alignment methods: what each trains on and how, in a torch-free module.
 
-An entry carries the name of its loss (registered where it is defined, `workers.losses.register_loss`), the
+An entry carries the name of its loss (registered where it is defined, `@workers.losses.LOSSES.register`), the
 name of the function that builds its training group from one prompt's scored samples
-(`rewards.pairs.register_group_builder`), and the traits that the config, the reward actor and the trainer
+(`@rewards.pairs.GROUP_BUILDERS.register`), and the traits that the config, the reward actor and the trainer
 read. Adding a method is one `register(Method(...))` here (plus a registered loss, or group builder, when it
 needs a new one; a test checks that every name resolves). What
 each method trains on follows its paper (cited on each loss in `workers.losses`); README's table sums it up.

@@ -1,6 +1,6 @@
 """Group builders: from one prompt's scored samples to its training group (a pair, or k ranked responses).
 
-Each builder registers under its name in `GROUP_BUILDERS` where it is defined (`register_group_builder`); each
+Each builder registers under its name in `GROUP_BUILDERS` where it is defined (`@GROUP_BUILDERS.register`); each
 method's entry in `common.methods` names one (`Method.pairs`). The samples passed in are the prompt's pool: this iteration's samples by default (`algorithm.pair_pool: current`, on-policy as iterative DPO,
 APO, SPIN and OPTune train), or every sample so far (`all`). Every group carries the prompt's SFT target
 (`sft_ids`, None without one) so that methods that score it (SLiC-HF's y_ref) receive it.
@@ -14,23 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from common.records import PreferenceGroup, Rollout
+from common.registry import Registry
 
 GroupBuilder = Callable[[int, list[int], list[Rollout], list[int] | None, int], PreferenceGroup | None]
 
-# Builder name (common.methods.Method.pairs) -> function, filled by `register_group_builder`.
-GROUP_BUILDERS: dict[str, GroupBuilder] = {}
-
-
-def register_group_builder(name: str) -> Callable[[GroupBuilder], GroupBuilder]:
-    """Decorator: register a group builder under `name` (the name a `common.methods.Method` gives as `pairs`)."""
-
-    def add(fn: GroupBuilder) -> GroupBuilder:
-        if name in GROUP_BUILDERS:
-            raise ValueError(f"group builder '{name}' is already registered")
-        GROUP_BUILDERS[name] = fn
-        return fn
-
-    return add
+# Builder name (common.methods.Method.pairs) -> function, each registered where it is defined.
+GROUP_BUILDERS: Registry[GroupBuilder] = Registry("group builder")
 
 
 def _group(
@@ -55,7 +44,7 @@ def _ranked(pool: list[Rollout]) -> list[Rollout]:
     return sorted(pool, key=lambda r: -float(r.reward))
 
 
-@register_group_builder("best_worst")
+@GROUP_BUILDERS.register("best_worst")
 def best_worst(
     prompt_index: int, prompt_ids: list[int], pool: list[Rollout], sft_ids: list[int] | None, k: int
 ) -> PreferenceGroup | None:
@@ -69,7 +58,7 @@ def best_worst(
     return _group(prompt_index, prompt_ids, [best, worst], sft_ids)
 
 
-@register_group_builder("ranked_list")
+@GROUP_BUILDERS.register("ranked_list")
 def ranked_list(
     prompt_index: int, prompt_ids: list[int], pool: list[Rollout], sft_ids: list[int] | None, k: int
 ) -> PreferenceGroup | None:
@@ -80,7 +69,7 @@ def ranked_list(
     return _group(prompt_index, prompt_ids, _ranked(latest), sft_ids)
 
 
-@register_group_builder("ground_truth")
+@GROUP_BUILDERS.register("ground_truth")
 def ground_truth(
     prompt_index: int, prompt_ids: list[int], pool: list[Rollout], sft_ids: list[int] | None, k: int
 ) -> PreferenceGroup | None:

@@ -1,4 +1,4 @@
-"""Preference losses, each registered under its name in `LOSSES` where it is defined (`register_loss`); each
+"""Preference losses, each registered under its name in `LOSSES` where it is defined (`@LOSSES.register`); each
 method in `common.methods` names the one it trains with.
 
 Every loss is a pure function of summed response log-probs (see `workers.logprobs`), so it can be
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import AlgorithmConfig
+from common.registry import Registry
 
 
 @dataclass
@@ -35,20 +36,8 @@ class LossInputs:
 LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
 LossFn = Callable[[LossInputs, AlgorithmConfig], LossOutput]
 
-# Loss name (common.methods.Method.loss) -> function, filled by `register_loss`.
-LOSSES: dict[str, LossFn] = {}
-
-
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
-    """Decorator: register a loss under `name` (the name a `common.methods.Method` gives as its `loss`)."""
-
-    def add(fn: LossFn) -> LossFn:
-        if name in LOSSES:
-            raise ValueError(f"loss '{name}' is already registered")
-        LOSSES[name] = fn
-        return fn
-
-    return add
+# Loss name (common.methods.Method.loss) -> function, each registered where it is defined.
+LOSSES: Registry[LossFn] = Registry("loss")
 
 
 def _per_token(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -71,7 +60,7 @@ def _pair_stats(score: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"pair_accuracy": (score > 0).float().detach(), "margin": score.detach()}
 
 
-@register_loss("dpo")
+@LOSSES.register("dpo")
 def dpo_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     """DPO (Rafailov et al. 2023, arXiv 2305.18290), with optional cDPO label smoothing eps:
 
@@ -86,7 +75,7 @@ def dpo_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     return loss + cfg.nll_coef * _chosen_nll(inp), _pair_stats(h)
 
 
-@register_loss("ipo")
+@LOSSES.register("ipo")
 def ipo_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     """IPO (Azar et al. 2023, arXiv 2310.12036), length-normalised as agreed with the authors:
 
@@ -101,7 +90,7 @@ def ipo_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     return loss + cfg.nll_coef * _chosen_nll(inp), _pair_stats(h_bar)
 
 
-@register_loss("slic")
+@LOSSES.register("slic")
 def slic_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     """SLiC-HF (Zhao et al. 2023, arXiv 2305.10425), rank calibration plus SFT regulariser:
 
@@ -115,7 +104,7 @@ def slic_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     return loss + cfg.nll_coef * _chosen_nll(inp), _pair_stats(diff)
 
 
-@register_loss("rrhf")
+@LOSSES.register("rrhf")
 def rrhf_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     """RRHF (Yuan et al. 2023, arXiv 2304.05302) over K ranked responses:
 
@@ -154,7 +143,7 @@ def wdpo_weights(reward_gap: torch.Tensor, cfg: AlgorithmConfig) -> torch.Tensor
     return w
 
 
-@register_loss("wdpo")
+@LOSSES.register("wdpo")
 def wdpo_loss(inp: LossInputs, cfg: AlgorithmConfig) -> LossOutput:
     """Weighted DPO of OPTune (Chen et al. 2024, arXiv 2406.07657):
 

@@ -10,8 +10,8 @@ import torch
 
 from common.config import AlgorithmConfig
 from common.methods import METHODS, get_method
-from rewards.pairs import GROUP_BUILDERS, register_group_builder
-from workers.losses import LOSSES, LossInputs, dpo_loss, ipo_loss, register_loss, rrhf_loss, slic_loss, wdpo_loss
+from rewards.pairs import GROUP_BUILDERS
+from workers.losses import LOSSES, LossInputs, dpo_loss, ipo_loss, rrhf_loss, slic_loss, wdpo_loss
 
 LOGPS = torch.tensor([[-3.0, -5.0], [-4.0, -2.0]])
 REF = torch.tensor([[-3.5, -4.5], [-4.0, -3.0]])
@@ -148,7 +148,7 @@ def test_registry_is_what_the_config_accepts():
 def test_a_name_registers_once():
     """A loss or a group builder registered twice under one name would silently replace the first."""
     with pytest.raises(ValueError, match="loss 'dpo' is already registered"):
-        register_loss("dpo")(dpo_loss)
+        LOSSES.register("dpo")(dpo_loss)
     with pytest.raises(ValueError, match="group builder 'best_worst' is already registered"):
-        register_group_builder("best_worst")(GROUP_BUILDERS["best_worst"])
+        GROUP_BUILDERS.register("best_worst")(GROUP_BUILDERS["best_worst"])
     assert LOSSES["dpo"] is dpo_loss
