@@ -37,12 +37,12 @@ import random
 import sys
 from pathlib import Path
 
-from common.ports import free_port
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+
+from common.ports import free_port  # noqa: E402
 
 ITERATIONS = 3
 MOVE_LIMIT = 0.01  # of a bf16 rounding step

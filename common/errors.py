@@ -37,9 +37,10 @@ def causes(error: BaseException | None) -> Iterator[BaseException]:
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def one_line(error: BaseException, innermost: bool = False, limit: int = 300) -> str:
+def one_line(error: BaseException, innermost: bool = False, whole: bool = False, limit: int = 300) -> str:
     """An exception as one line, `Type: message`: the message's first line (what follows is usually a
-    traceback or a hint), whitespace collapsed, at most `limit` characters.
+    traceback), or with `whole` all of it (a library's multi-line explanation: a parser's schemas, a loader's
+    hints), whitespace collapsed, at most `limit` characters.
 
     `innermost`: the first cause's instead (libraries such as `datasets` wrap the parser's error in one that
     says nothing). A Ray actor task's error (`RayTaskError`, matched by name: no import of Ray here) is the
@@ -50,11 +51,11 @@ def one_line(error: BaseException, innermost: bool = False, limit: int = 300) ->
     if type(error).__name__.startswith("RayTaskError") and isinstance(cause, BaseException):
         task = re.search(r"ray::([\w.]+)\(", ANSI.sub("", str(error)))
         where = task.group(1) if task else "an actor task"
-        return f"{where} failed: {_typed(cause, limit)}"
-    return _typed(error, limit)
+        return f"{where} failed: {_typed(cause, whole, limit)}"
+    return _typed(error, whole, limit)
 
 
-def _typed(error: BaseException, limit: int) -> str:
-    first = (str(error).strip().splitlines() or [""])[0]
-    text = " ".join(first.split())[:limit]
+def _typed(error: BaseException, whole: bool, limit: int) -> str:
+    message = str(error).strip()
+    text = " ".join((message if whole else (message.splitlines() or [""])[0]).split())[:limit]
     return f"{type(error).__name__}: {text}" if text else type(error).__name__

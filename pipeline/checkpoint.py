@@ -91,7 +91,7 @@ def safetensors_problem(path: Path) -> str | None:
             for key in f.keys():
                 f.get_slice(key).get_shape()
     except Exception as e:  # SafetensorError, OSError
-        return f"{path} is damaged or truncated ({one_line(e)})"
+        return f"{path} is damaged or truncated ({one_line(e, whole=True)})"
     return None
 
 
@@ -117,7 +117,7 @@ def checkpoint_problem(rundir: RunDir, iteration: int) -> str | None:
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
-        return f"{policy / 'config.json'} cannot be read ({one_line(e)})"
+        return f"{policy / 'config.json'} cannot be read ({one_line(e, whole=True)})"
     weights = sorted(policy.glob("*.safetensors"))
     if not weights:
         return f"{policy} has no .safetensors weights"
@@ -126,7 +126,7 @@ def checkpoint_problem(rundir: RunDir, iteration: int) -> str | None:
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            return f"{index} cannot be read ({one_line(e)})"
+            return f"{index} cannot be read ({one_line(e, whole=True)})"
         absent = sorted(s for s in shards if not (policy / s).is_file())
         if absent:
             return f"{policy} lacks the weight shard(s) {', '.join(absent)} named in {index.name}"

@@ -81,7 +81,9 @@ def open_dataset(source: str, cfg: DataConfig, key: str = "data.train"):
     except DataError:
         raise
     except Exception as e:  # parser errors from datasets/pyarrow: keep the file name in front
-        raise DataError(f"{source}: could not be read as a dataset ({one_line(e, innermost=True)})") from None
+        raise DataError(
+            f"{source}: could not be read as a dataset ({one_line(e, innermost=True, whole=True)})"
+        ) from None
 
 
 def _check_hub_dataset(name: str, key: str) -> None:

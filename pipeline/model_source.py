@@ -153,12 +153,14 @@ def load_tokenizer(path: str, key: str, trust_remote_code: bool = False):
     try:
         AutoConfig.from_pretrained(files, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise ConfigError(f"{key} '{path}': its config.json cannot be loaded ({one_line(e)})") from None
+        raise ConfigError(f"{key} '{path}': its config.json cannot be loaded ({one_line(e, whole=True)})") from None
     need = "the model directory needs its tokenizer files (tokenizer.json or the vocabulary, and tokenizer_config.json)"
     try:
         tokenizer = AutoTokenizer.from_pretrained(files, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise ConfigError(f"{key} '{path}': its tokenizer cannot be loaded ({one_line(e)}); {need}") from None
+        raise ConfigError(
+            f"{key} '{path}': its tokenizer cannot be loaded ({one_line(e, whole=True)}); {need}"
+        ) from None
     if len(tokenizer) < 2:  # transformers builds an empty tokenizer when the files are missing
         raise ConfigError(f"{key} '{path}' has no tokenizer (an empty vocabulary was loaded); {need}")
     if not getattr(tokenizer, "chat_template", None):

@@ -68,7 +68,8 @@ def headline_value(row: dict, key: str):
         return row.get(key)
     if row.get("generated_tokens_if_all") is None:
         return None
-    return f"{saved_tokens(row):,.0f} ({num(row.get('generation_saved_fraction')):.0%})"
+    share = num(row.get("generation_saved_fraction"))
+    return f"{saved_tokens(row):,.0f}" + ("" if math.isnan(share) else f" ({share:.0%})")
 
 
 @dataclass

@@ -51,3 +51,10 @@ def test_one_line_can_name_the_innermost_cause():
         assert [type(e) for e in causes(wrapped)] == [RuntimeError, ValueError]
         assert one_line(wrapped, innermost=True).startswith("ValueError: JSON parse error")
         assert one_line(wrapped) == "RuntimeError: An error occurred while generating the dataset"
+
+
+def test_one_line_whole_keeps_a_multi_line_explanation():
+    """A cast error says why only on its last line: `whole` keeps it (the first line alone says nothing)."""
+    error = ValueError("Couldn't cast\na: int64\nto\na: string\nbecause column names don't match")
+    assert one_line(error) == "ValueError: Couldn't cast"
+    assert one_line(error, whole=True).endswith("because column names don't match")
