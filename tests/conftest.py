@@ -146,7 +146,8 @@ def ray_cluster():
         runtime_env = ray_runtime_env(env_vars)
     else:
         runtime_env = {"env_vars": env_vars}
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1 << 30, runtime_env=runtime_env)
+    # address="local": a new cluster of its own, never another one running on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=1 << 30, runtime_env=runtime_env)
     yield
     ray.shutdown()
 

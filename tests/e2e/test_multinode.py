@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def across_nodes(cluster, tmp_path_factory):
     return out
 
 
-def test_trainers_and_engine_on_their_own_nodes(cluster, across_nodes, tmp_path):
+def test_trainers_and_engine_on_their_own_nodes(cluster, across_nodes, run_tiny, tmp_path):
     """Placement follows the config's resources; the metrics equal a single-node run's (same seed)."""
     where = json.loads((across_nodes / "logs" / "actors.json").read_text())
     assert where["trainer-0"]["node_id"] == where["trainer-1"]["node_id"] == cluster.node_id("trainer")
@@ -123,11 +124,9 @@ def test_trainers_and_engine_on_their_own_nodes(cluster, across_nodes, tmp_path)
     assert len((across_nodes / "metrics.jsonl").read_text().splitlines()) == 4
     assert (across_nodes / "checkpoints" / "iter_3" / "state.json").is_file()  # written from the trainer node
 
-    single = tmp_path / "single"
-    local = {k: v for k, v in cluster.env.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    proc = onalign(local, single, "ray_num_cpus=2")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert_same_metrics(rows_of(across_nodes), rows_of(single), COMPARED)
+    # the same run on one node: the session's own engine and trainer ranks (the config decides the metrics)
+    single, _ = run_tiny(*RUN[1:], out=tmp_path / "single")  # RUN[0] is the default config
+    assert_same_metrics(rows_of(across_nodes), single, COMPARED)
 
 
 def test_ray_job_submit_to_the_cluster(cluster, tmp_path):
@@ -195,3 +194,44 @@ def test_a_lost_trainer_node_stops_the_run_clearly_and_resume_continues_it(clust
     resumed = onalign(cluster.env, out, *ACROSS, "--resume")
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     assert_same_metrics(rows_of(out), rows_of(across_nodes), COMPARED)
+
+
+def test_ray_job_stop_mid_run_keeps_the_completed_checkpoints(cluster, tmp_path):
+    """`ray job stop` (SIGTERM to the job's driver) mid-run: the job ends stopped, every completed iteration
+    keeps its metrics row, the last complete checkpoint loads, and no partial checkpoint is left behind."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.rundir import RunDir
+
+    out = tmp_path / "stopped"
+    env = dict(cluster.env, RAY_ADDRESS=cluster.info["dashboard"])
+    run = ["onalign", "run", *RUN, "iterations=50", f"output_dir={out}", *ACROSS, "--quiet"]
+    submitted = ray_job(env, "submit", "--no-wait", "--working-dir", ".", "--", *run)
+    assert submitted.returncode == 0, submitted.stderr
+    job = re.search(r"raysubmit_[A-Za-z0-9]+", submitted.stdout + submitted.stderr).group(0)
+    deadline = time.time() + 600
+    # any complete checkpoint: an iteration of this run takes about a second, and keep_checkpoints=2 prunes
+    # iter_1 soon after (waiting for iter_1 itself could miss it and wait out the deadline)
+    while not RunDir(out).complete_checkpoints() and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray_job(env, "stop", job, timeout=180).returncode == 0
+    assert job_status(env, job) == "stopped"
+    rd = RunDir(out)
+    done = rd.complete_checkpoints()
+    assert done, "a completed iteration must leave a checkpoint"
+    iterations = [r["iteration"] for r in rd.read_metrics()]
+    assert iterations == list(range(len(iterations))) and max(iterations) >= done[-1]
+    AutoModelForCausalLM.from_pretrained(rd.checkpoint_path(done[-1]) / "policy")
+    assert not any(p.name.startswith("iter_") and not (p / "state.json").exists() for p in rd.checkpoints.iterdir())
+
+
+def ray_job(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["ray", "job", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def job_status(env: dict, job_id: str) -> str:
+    """The job's state word, lower case: pending, running, succeeded, failed or stopped."""
+    res = ray_job(env, "status", job_id)
+    text = res.stdout + res.stderr
+    found = re.search(r"Status for job '[^']+': (\w+)", text) or re.search(r"Job '[^']+' (?:was )?(\w+)", text)
+    return found.group(1).lower() if found else text
