@@ -18,12 +18,10 @@ from rewards.scorers import RewardError
 def test_held_out_pair_accuracy(rm_path):
     """The tiny RM ranks the right reversal above a dropped or an extra letter, on pairs it never saw.
 
-    Measured on held-out pairs (seed 4242) for build seeds 0-3 (a seed stands in for a machine's different
-    rounding), one thread (the build pins it), 1500 steps: dropped 0.967-0.99, extra 0.957-0.987; the
-    foreign-letter kind stays near chance (0.49-0.57), so it is not asserted; mixed 0.76-0.84. Before the
-    build pinned threads, the mixed figure was 0.707-0.87 across machines. The build now also trains on
-    until the dropped/extra kinds reach 0.95 on its own validation pairs, so 0.9 holds with margin, and
-    mixed >= (2 x 0.9 + 0.4) / 3 = 0.73 even with the foreign-letter kind at its worst."""
+    The build trains until the dropped/extra kinds reach 0.95 on its own validation pairs, so 0.9 on held-out
+    pairs holds with margin (build seed 0, 1000 steps: dropped 0.99, extra 0.99). The foreign-letter kind
+    stays near chance (0.59), so it is not asserted; mixed >= (2 x 0.9 + 0.4) / 3 = 0.73 even with that kind
+    at its worst (seed 0: 0.86)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from pipeline.tiny_reward_model import pair_accuracy, preference_pairs
