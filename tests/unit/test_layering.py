@@ -91,5 +91,19 @@ def test_no_package_imports_one_above_or_beside_it():
     assert upward == []
 
 
+# A module that grows past this holds several ideas: split it where they part (README, the layout).
+MAX_LINES = 450
+
+
+def test_no_module_outgrows_one_idea():
+    long = {
+        str(f.relative_to(ROOT)): n
+        for pkg in LAYER
+        for f in sorted((ROOT / pkg).glob("*.py"))
+        if (n := len(f.read_text().splitlines())) > MAX_LINES
+    }
+    assert long == {}, f"over {MAX_LINES} lines: {long}"
+
+
 def test_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
