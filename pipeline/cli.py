@@ -152,9 +152,11 @@ def _dispatch(args) -> int:
 
     rows = run(cfg)
     last = rows[-1] if rows else {}
+    from pipeline.tables import cell
+
     print(
         f"[onalign] done: {last.get('iteration', 0)} iterations, final eval_reward_mean="
-        f"{last.get('eval_reward_mean')}; report: {cfg.output_dir}/report.html"
+        f"{cell(last.get('eval_reward_mean'), '{:.3f}')}; report: {cfg.output_dir}/report.html"
     )
     return 0
 
