@@ -18,6 +18,7 @@ SCRIPTS = [
     "methods.py",
     "orchestration.py",
     "optune.py",
+    "collector.py",
 ]
 
 

@@ -18,6 +18,7 @@ from common.config import RolloutConfig
 from common.devices import hidden_gpus_env
 from common.records import Rollout
 from common.ticker import Ticker
+from workers import collector
 from workers.heap import tcmalloc_preload
 
 # Keep the engine core inside this process (what a Ray actor wants), and keep it offline.
@@ -136,6 +137,7 @@ class RolloutWorker:
         import torch
         from vllm import LLM
 
+        collector.freeze_long_lived()  # vLLM's imports: its start-up collections then skip them
         settings = engine_settings(rc, sync_backend, colocated)
         if not settings.on_gpu:
             # before vLLM pins the thread count; Ray set it to the actor's num_cpus
@@ -155,6 +157,7 @@ class RolloutWorker:
             self.llm.init_weight_transfer_engine({"init_info": {}})  # no rendezvous: the object store
         self.asleep: set[str] = set()  # what `sleep` released and no `wake_up` has brought back yet
         self.events: collections.deque[tuple[float, str]] = collections.deque(maxlen=1000)
+        collector.freeze_long_lived()  # and what building the engine imported and made
 
     def _event(self, name: str) -> None:
         self.events.append((time.monotonic(), name))

@@ -28,7 +28,7 @@ from common.methods import get_method
 from common.ports import free_port
 from common.records import PreferenceBatch, PreferenceGroup
 from common.ticker import Ticker
-from workers import heap
+from workers import collector, heap
 from workers.batches import loss_inputs, micro_batches, rank_pair_weights, shard_for_rank
 from workers.ds_engine import collect, ds_config, gather_fp32, load_fp32_masters, release
 from workers.logprobs import batched_sequence_logprobs, packing_agrees
@@ -128,6 +128,7 @@ class TrainerWorker:
         self.initial = self.weights if self.algo_cfg.reference == "initial" else None
         # APO's theta_hat of the previous iteration (other methods keep no second copy of the weights)
         self.trained_prev: StateDict | None = self.weights if self.method.extrapolates else None
+        collector.freeze_long_lived()  # the libraries and the policy: each iteration's collection skips them
         return sum(v.numel() for v in self.weights.values())
 
     def set_weights(self, weights: StateDict, trained_prev: StateDict | None = None) -> None:
