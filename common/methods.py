@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from common.registry import Registry
+
 
 @dataclass(frozen=True)
 class Method:
@@ -35,14 +37,11 @@ class Method:
         return self.reference != "none"
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("method")
 
 
 def register(method: Method) -> Method:
-    if method.name in METHODS:
-        raise ValueError(f"method '{method.name}' is already registered")
-    METHODS[method.name] = method
-    return method
+    return METHODS.register(method.name)(method)
 
 
 def get_method(name: str) -> Method:

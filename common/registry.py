@@ -1,15 +1,16 @@
-"""Functions registered by name where they are defined, so that no table is kept in step by hand."""
+"""Entries registered by name where they are defined (losses, group builders, methods), so that no table is
+kept in step by hand."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-F = TypeVar("F", bound=Callable)
+F = TypeVar("F")
 
 
 class Registry(dict[str, F], Generic[F]):
-    """name -> function; `@REGISTRY.register(name)` adds one and refuses a name taken twice."""
+    """name -> entry; `@REGISTRY.register(name)` adds one and refuses a name taken twice."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()

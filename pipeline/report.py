@@ -167,7 +167,7 @@ def _plots(rows: list[dict], samples: list[dict], plot_dir: Path, algorithm: str
     with _figure(plot_dir / "tokens.png", "Generated vs saved tokens") as ax:
         if train_rows:
             gen = [num(r.get("generated_tokens")) for r in train_rows]
-            saved = [max(num(r.get("generated_tokens_if_all")) - g, 0.0) for r, g in zip(train_rows, gen, strict=True)]
+            saved = [saved_tokens(r) for r in train_rows]
             ax.bar(tits, gen, label="generated")
             ax.bar(tits, saved, bottom=gen, label="saved by selection", color="C2")
             ax.set_xlabel("iteration")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.config import AlgorithmConfig
-from common.methods import METHODS, get_method
+from common.methods import METHODS, get_method, register
 from rewards.pairs import GROUP_BUILDERS
 from workers.losses import LOSSES, LossInputs, dpo_loss, ipo_loss, rrhf_loss, slic_loss, wdpo_loss
 
@@ -151,4 +151,6 @@ def test_a_name_registers_once():
         LOSSES.register("dpo")(dpo_loss)
     with pytest.raises(ValueError, match="group builder 'best_worst' is already registered"):
         GROUP_BUILDERS.register("best_worst")(GROUP_BUILDERS["best_worst"])
+    with pytest.raises(ValueError, match="method 'dpo' is already registered"):
+        register(get_method("dpo"))
     assert LOSSES["dpo"] is dpo_loss
